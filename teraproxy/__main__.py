@@ -1,0 +1,3 @@
+from teraproxy.cli import main
+
+raise SystemExit(main())

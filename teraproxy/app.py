@@ -1,0 +1,155 @@
+"""create_app(config) → the API web.Application (and the admin app), with all long-lived
+resources in ``cleanup_ctx``: the one upstream ClientSession, the Proxy, the health checker.
+
+The API app serves only the Tera API; /metrics and /admin/* live on the admin app, which is
+bound to ``admin_listen`` and never to the API port. One middleware is the error ladder: every
+ProxyError and every aiohttp HTTPException (router 404/405, ...) leaves as OpenAI-shaped JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from teraproxy.auth import KeyTable
+from teraproxy.config import Config, load_config
+from teraproxy.errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError
+from teraproxy.health import HealthChecker
+from teraproxy.proxy import CTX, Ctx, Proxy, access_log, new_request_id
+from teraproxy.upstreams import ModelPool, build_table
+
+CONFIG = web.AppKey("config", Config)
+TABLE = web.AppKey("table", dict[str, ModelPool])
+PROXY = web.AppKey("proxy", Proxy)
+HEALTH = web.AppKey("health", HealthChecker)
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_SERVED = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/audio/speech")
+
+
+def _error_response(e: ProxyError, rid: str) -> web.Response:
+    headers = {"X-Request-ID": rid, **e.headers}
+    if e.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return web.Response(status=e.status, body=e.body(), content_type="application/json", headers=headers)
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> ProxyError:
+    if exc.status == 404:
+        return NotFound(f"teraproxy does not serve {request.method} {request.path}: it serves "
+                        f"{', '.join(_SERVED)}.", code="unsupported_endpoint")
+    if exc.status == 405:
+        allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
+        return MethodNotAllowed(f"{request.method} is not allowed on {request.path}"
+                                + (f"; use {allowed}." if allowed else "."), headers={"Allow": allowed})
+    if exc.status == 413:
+        return PayloadTooLarge("Request body is over the configured limit.")
+    err = ProxyError(exc.reason or "error")
+    err.status = exc.status  # type: ignore[misc]
+    return err
+
+
+@web.middleware
+async def edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Request id, the error ladder and the access log, for every request on the API port."""
+    ctx = Ctx(new_request_id(request.headers.get("X-Request-ID")))
+    request[CTX] = ctx
+    status = 499  # the client went away before an answer
+    try:
+        try:
+            resp = await handler(request)
+        except ProxyError as e:
+            ctx.error = e.code
+            resp = _error_response(e, ctx.rid)
+        except web.HTTPException as e:
+            pe = _from_http_exception(request, e)
+            ctx.error = pe.code
+            resp = _error_response(pe, ctx.rid)
+        status = resp.status
+        return resp
+    finally:
+        ctx.status = status
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(orjson.dumps({
+                "ts": round(time.time(), 3), "rid": ctx.rid, "method": request.method, "path": request.path,
+                "status": status, "model": ctx.model, "key": ctx.key, "stream": ctx.stream,
+                "replica": ctx.replica, "attempts": ctx.attempts,
+                "ttfb_ms": None if ctx.ttfb is None else round(ctx.ttfb * 1000, 2),
+                "ms": round((time.monotonic() - ctx.t0) * 1000, 2), "error": ctx.error,
+                "peer": request.remote}).decode())
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(middlewares=[edge], client_max_size=config.limits.max_body)
+    app[CONFIG] = config
+    app[TABLE] = build_table(config)
+    app.cleanup_ctx.append(_resources)
+
+    async def chat(r: web.Request) -> web.StreamResponse:
+        return await r.app[PROXY].chat(r)
+
+    async def completions(r: web.Request) -> web.StreamResponse:
+        return await r.app[PROXY].completions(r)
+
+    async def speech(r: web.Request) -> web.StreamResponse:
+        return await r.app[PROXY].speech(r)
+
+    async def models(r: web.Request) -> web.StreamResponse:
+        return await r.app[PROXY].list_models(r)
+
+    async def model(r: web.Request) -> web.StreamResponse:
+        return await r.app[PROXY].get_model(r)
+
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/audio/speech", speech)
+    app.router.add_get("/v1/models", models, allow_head=False)
+    app.router.add_get("/v1/models/{model:.+}", model, allow_head=False)
+    return app
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    connector = aiohttp.TCPConnector(limit=config.upstream.max_connections, limit_per_host=0,
+                                     keepalive_timeout=config.upstream.keepalive, ttl_dns_cache=60)
+    async with aiohttp.ClientSession(connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
+                                     skip_auto_headers=("User-Agent",)) as session:
+        app[PROXY] = Proxy(config, app[TABLE], KeyTable(config.auth), session)
+        checker = HealthChecker(config, app[TABLE], session)
+        app[HEALTH] = checker
+        checker.start()
+        try:
+            yield
+        finally:
+            await checker.stop()
+    # let the connector's transports close before the loop goes away
+    await asyncio.sleep(0)
+
+
+def create_admin_app(api: web.Application) -> web.Application:
+    admin = web.Application()
+
+    async def upstreams(request: web.Request) -> web.Response:
+        table = api[TABLE]
+        body = {"models": [{"id": p.id, "policy": "affinity" if p.affinity else "least",
+                            "replicas": [r.snapshot() for r in p.replicas]} for p in table.values()]}
+        return web.Response(body=orjson.dumps(body, option=orjson.OPT_INDENT_2), content_type="application/json")
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    admin.router.add_get("/admin/upstreams", upstreams)
+    admin.router.add_get("/healthz", healthz)
+    return admin
+
+
+def app_factory() -> web.Application:
+    """For `adev runserver teraproxy/app.py --app-factory app_factory` (config from TERAPROXY_CONFIG)."""
+    return create_app(load_config(os.environ.get("TERAPROXY_CONFIG", "conf/demo.yaml")))

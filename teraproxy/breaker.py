@@ -1,0 +1,85 @@
+"""A per-replica circuit breaker: a pure state machine with an injected clock.
+
+closed → (``failures`` consecutive failures) → open for ``open_s`` → half-open: exactly one
+probe request is let through; its success closes the breaker, its failure re-opens it for
+twice the last open period, capped at ``max_open_s``. 4xx answers are not failures: the
+caller decides what to record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+
+class Breaker:
+    __slots__ = ("failures", "open_s", "max_open_s", "clock", "_fails", "_opened_at", "_open_for",
+                 "_probing", "trips")
+
+    def __init__(self, failures: int, open_s: float, max_open_s: float, clock: Callable[[], float]) -> None:
+        self.failures = failures
+        self.open_s = open_s
+        self.max_open_s = max_open_s
+        self.clock = clock
+        self._fails = 0
+        self._opened_at: float | None = None  # None: closed
+        self._open_for = 0.0
+        self._probing = False
+        self.trips = 0
+
+    @property
+    def state(self) -> str:
+        if self._opened_at is None:
+            return CLOSED
+        return HALF_OPEN if self.clock() - self._opened_at >= self._open_for else OPEN
+
+    def available(self) -> bool:
+        """Could a request be sent now? (Does not take the half-open probe slot.)"""
+        st = self.state
+        return st == CLOSED or (st == HALF_OPEN and not self._probing)
+
+    def acquire(self) -> bool:
+        """Take permission to send one request; in half-open this is the single probe."""
+        st = self.state
+        if st == CLOSED:
+            return True
+        if st == HALF_OPEN and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def release(self) -> None:
+        """The request ended without a verdict (client went away): free the probe slot."""
+        self._probing = False
+
+    def record(self, ok: bool) -> None:
+        if ok:
+            self._fails = 0
+            self._opened_at = None
+            self._open_for = 0.0
+            self._probing = False
+            return
+        if self._opened_at is not None:
+            if self._probing:  # the half-open probe failed: open again, twice as long
+                self._probing = False
+                self._trip(min(self._open_for * 2, self.max_open_s))
+            return  # a late failure of a request sent before the trip changes nothing
+        self._fails += 1
+        if self._fails >= self.failures:
+            self._trip(self.open_s)
+
+    def _trip(self, open_for: float) -> None:
+        self._opened_at = self.clock()
+        self._open_for = open_for
+        self.trips += 1
+
+    def retry_in(self) -> float:
+        """Seconds until a request may be tried (0 when available now)."""
+        if self._opened_at is None:
+            return 0.0
+        return max(0.0, self._opened_at + self._open_for - self.clock())
+
+    def snapshot(self) -> dict[str, object]:
+        return {"state": self.state, "consecutive_failures": self._fails,
+                "open_for": self._open_for, "retry_in": round(self.retry_in(), 3), "trips": self.trips}

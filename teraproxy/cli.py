@@ -1,0 +1,309 @@
+"""Command line: serve, check, sim, demo, status, key.
+
+Exit codes: 0 ok; 2 a problem the operator must fix (bad config, missing file, port in use,
+unsafe runtime) printed as one line per problem, never a traceback; 1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from teraproxy import __version__
+from teraproxy.config import Config, ConfigError, load_config, parse_config
+
+USAGE_ERROR = 2
+
+
+class StartupError(Exception):
+    """A one-line reason the daemon cannot start."""
+
+
+def _fail(lines: list[str] | str) -> int:
+    for line in [lines] if isinstance(lines, str) else lines:
+        print(f"teraproxy: {line}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def _check_runtime() -> None:
+    import aiohttp
+    from aiohttp import http_parser
+
+    major, minor, patch = (int(x) for x in aiohttp.__version__.split(".")[:3] if x.isdigit())
+    if (major, minor, patch) < (3, 14, 1):
+        raise StartupError(f"aiohttp {aiohttp.__version__} is too old: 3.14.1 or newer is required "
+                           "(request smuggling fixes in its HTTP parser)")
+    if http_parser.HttpRequestParser is getattr(http_parser, "HttpRequestParserPy", None):
+        raise StartupError("aiohttp is running on its pure-Python HTTP parser (AIOHTTP_NO_EXTENSIONS set, "
+                           "or no C extension for this platform); refusing to serve")
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    access = logging.getLogger("teraproxy.access")
+    out = logging.StreamHandler(sys.stdout)
+    out.setFormatter(logging.Formatter("%(message)s"))
+    access.handlers[:] = [out]
+    access.propagate = False
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _site(runner: Any, host: str, port: int, what: str) -> None:
+    from aiohttp import web
+
+    try:
+        await web.TCPSite(runner, host, port, backlog=4096).start()
+    except OSError as e:
+        raise StartupError(f"cannot listen on {host}:{port} for {what}: {e.strerror or e}") from None
+
+
+async def serve_forever(config: Config, ready: Callable[[], None] | None = None) -> None:
+    from aiohttp import web
+
+    from teraproxy.app import create_admin_app, create_app
+
+    app = create_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, keepalive_timeout=config.timeouts.keepalive,
+                           access_log=None, shutdown_timeout=30.0)
+    admin_runner = None
+    await runner.setup()
+    try:
+        await _site(runner, config.listen.host, config.listen.port, "the API (listen)")
+        if config.admin_listen is not None:
+            admin_runner = web.AppRunner(create_admin_app(app), access_log=None, keepalive_timeout=15)
+            await admin_runner.setup()
+            await _site(admin_runner, config.admin_listen.host, config.admin_listen.port, "admin_listen")
+        logging.getLogger("teraproxy").warning(
+            "teraproxy %s listening on %s (admin: %s), %d model(s)", __version__, config.listen,
+            config.admin_listen or "off", len(config.models))
+        if ready:
+            ready()
+        await _until_signalled()
+    finally:
+        if admin_runner is not None:
+            await admin_runner.cleanup()
+        await runner.cleanup()
+
+
+def _run(coro: Awaitable[None]) -> int:
+    import uvloop
+
+    try:
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except StartupError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _load(path: str | None) -> Config:
+    path = path or os.environ.get("TERAPROXY_CONFIG")
+    if not path:
+        raise ConfigError(["--config: missing (or set TERAPROXY_CONFIG)"])
+    return load_config(path)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args.config)
+        _check_runtime()
+    except ConfigError as e:
+        return _fail(e.problems)
+    except StartupError as e:
+        return _fail(str(e))
+    _setup_logging(config.log.level if config.log.access_log else "warning")
+    if not config.log.access_log:
+        logging.getLogger("teraproxy.access").setLevel(logging.WARNING)
+    return _run(serve_forever(config))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args.config)
+    except ConfigError as e:
+        return _fail(e.problems)
+    n = sum(len(m.replicas) for m in config.models)
+    print(f"ok: {len(config.models)} model(s), {n} replica(s), listen {config.listen}, "
+          f"auth {'on' if config.auth.enabled else 'off'}")
+    return 0
+
+
+def _sim_options(args: argparse.Namespace) -> Any:
+    from teraproxy.sim import SimOptions
+
+    return SimOptions(model=args.model, reasoning_field=args.reasoning_field, ttft_ms=args.ttft,
+                      itl_ms=args.itl, tokens=args.tokens)
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from teraproxy.sim import Faults, start_sim
+
+    faults = Faults(fail_status=args.fail_status, health_status=args.health_status, api_key=args.api_key,
+                    hang_before_headers=args.hang, reset_after=args.reset_after, hang_after=args.hang_after)
+
+    async def main() -> None:
+        runner, _ = await start_sim(args.host, args.port, _sim_options(args), faults)
+        print(f"sim: serving {args.model} on http://{args.host}:{args.port}", flush=True)
+        try:
+            await _until_signalled()
+        finally:
+            await runner.cleanup()
+
+    try:
+        return _run(main())
+    except OSError as e:
+        return _fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+
+
+DEMO_MODEL = "Qwen/Qwen3-8B"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from teraproxy.sim import SimOptions, start_sim
+
+    ports = (args.port + 11, args.port + 12)
+    raw = {"listen": f"127.0.0.1:{args.port}", "admin_listen": f"127.0.0.1:{args.port + 1}", "auth": "off",
+           "health": {"interval": "2s"},
+           "models": [{"id": DEMO_MODEL, "replicas": [{"url": f"http://127.0.0.1:{p}"} for p in ports]}]}
+    config = parse_config(raw)
+    _setup_logging("warning")
+
+    def ready() -> None:
+        base = f"http://127.0.0.1:{args.port}"
+        print(f"\nteraproxy demo: proxy on {base} in front of two simulated vLLM replicas "
+              f"(ports {ports[0]}, {ports[1]}); Ctrl-C stops it.\nTry:\n"
+              f"  curl -sN {base}/v1/chat/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"{DEMO_MODEL}\", \"stream\": true, "
+              f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"
+              f"  curl -s http://127.0.0.1:{args.port + 1}/admin/upstreams\n", flush=True)
+
+    async def main() -> None:
+        runners = []
+        try:
+            for p in ports:
+                try:
+                    runner, _ = await start_sim("127.0.0.1", p, SimOptions(model=DEMO_MODEL, itl_ms=30, tokens=24))
+                except OSError as e:
+                    raise StartupError(f"cannot listen on 127.0.0.1:{p} for a simulated replica: "
+                                       f"{e.strerror or e}") from None
+                runners.append(runner)
+            await serve_forever(config, ready)
+        finally:
+            for r in runners:
+                await r.cleanup()
+
+    return _run(main())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    import orjson
+
+    try:
+        config = _load(args.config)
+    except ConfigError as e:
+        return _fail(e.problems)
+    if config.admin_listen is None:
+        return _fail("admin_listen: not set in this config, so there is no status to read")
+    url = f"http://{config.admin_listen}/admin/upstreams"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (our own loopback admin URL)
+            doc = orjson.loads(resp.read())
+    except (urllib.error.URLError, OSError) as e:
+        return _fail(f"cannot reach {url}: {getattr(e, 'reason', e)}")
+    rows = [("MODEL", "REPLICA", "UP", "BREAKER", "IN FLIGHT", "LATENCY", "WHY")]
+    for m in doc["models"]:
+        for r in m["replicas"]:
+            lat = "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}ms"
+            rows.append((m["id"], r["url"], "up" if r["up"] else "DOWN", r["breaker"]["state"],
+                         str(r["in_flight"]), lat, r["reason"]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
+def cmd_key(args: argparse.Namespace) -> int:
+    from teraproxy.auth import hash_key
+
+    if args.hash:
+        print(hash_key(args.hash))
+        return 0
+    token = "sk-tera-" + secrets.token_urlsafe(32)
+    print(f"key (give to the client, shown once): {token}")
+    print("config entry:")
+    print(f"  - {{name: {args.name}, sha256: {hash_key(token)}}}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="teraproxy", description="OpenAI-compatible gateway for vLLM replicas")
+    p.add_argument("--version", action="version", version=f"teraproxy {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the proxy daemon")
+    s.add_argument("--config", help="config file (default: $TERAPROXY_CONFIG)")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("check", help="validate a config file")
+    s.add_argument("--config", help="config file (default: $TERAPROXY_CONFIG)")
+    s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("sim", help="run a simulated vLLM replica")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--model", default="Qwen/Qwen3-8B")
+    s.add_argument("--reasoning-field", default="reasoning",
+                   choices=("reasoning", "reasoning_content", "both", "none"),
+                   help="name of the reasoning delta (vLLM >=0.16: reasoning; <=0.11: reasoning_content)")
+    s.add_argument("--ttft", type=float, default=0.0, metavar="MS", help="time to first token")
+    s.add_argument("--itl", type=float, default=0.0, metavar="MS", help="time between tokens")
+    s.add_argument("--tokens", type=int, default=16, help="tokens per answer (max_tokens may lower it)")
+    s.add_argument("--fail-status", type=int, help="answer generation requests with this HTTP status")
+    s.add_argument("--health-status", type=int, default=200, help="status of GET /health")
+    s.add_argument("--api-key", help="require this bearer token (as vLLM --api-key)")
+    s.add_argument("--hang", action="store_true", help="never answer generation requests")
+    s.add_argument("--reset-after", type=int, metavar="N", help="reset streams after N frames")
+    s.add_argument("--hang-after", type=int, metavar="N", help="stall streams after N frames")
+    s.set_defaults(func=cmd_sim)
+
+    s = sub.add_parser("demo", help="proxy + two simulated replicas in one process")
+    s.add_argument("--port", type=int, default=8080)
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("status", help="print the replicas' state from a running proxy's admin port")
+    s.add_argument("--config", help="config file (default: $TERAPROXY_CONFIG)")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("key", help="make a new API key and its config entry")
+    s.add_argument("--name", default="team-a")
+    s.add_argument("--hash", metavar="TOKEN", help="only print the sha256 of an existing token")
+    s.set_defaults(func=cmd_key)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)

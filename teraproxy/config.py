@@ -1,0 +1,446 @@
+"""YAML config → validated, frozen dataclasses.
+
+Parsed once, strictly: unknown keys are errors naming their path (``models[1].replicas[0].url``),
+every problem is collected (not just the first), and durations/sizes are converted here so the
+request path only ever reads attributes. ``load_config`` raises ConfigError with one line per problem.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+EMITS = ("both", "reasoning", "reasoning_content", "passthrough")
+POLICIES = ("least", "affinity")
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class KeyConfig:
+    name: str
+    sha256: bytes  # raw digest of the bearer token
+    models: frozenset[str] | None  # None: every model
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    enabled: bool
+    keys: tuple[KeyConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    url: str  # normalised: scheme://host:port, no trailing slash
+    weight: float = 1.0
+    api_key: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    id: str
+    replicas: tuple[ReplicaConfig, ...]
+    reasoning: str  # emit mode for this model's responses
+    reasoning_in: bool  # add messages[].reasoning where only reasoning_content was sent
+    policy: str = "least"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body: int = 8 * 1024 * 1024
+    body_read: float = 30.0  # deadline for reading a request body
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 5.0
+    headers: float = 600.0  # until response headers; a non-streamed vLLM answer sends them at the end
+    idle: float = 120.0  # longest silence inside a streamed answer (and before its first event)
+    # client connection idle between requests; also the deadline for a request's headers,
+    # counted from connect or from the previous response (aiohttp does not re-arm it on data)
+    keepalive: float = 30.0
+
+
+@dataclass(frozen=True)
+class UpstreamPool:
+    max_connections: int = 4096
+    keepalive: float = 60.0
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    enabled: bool = True
+    path: str = "/health"
+    interval: float = 5.0
+    timeout: float = 2.0
+    fall: int = 3
+    rise: int = 2
+    check_models: bool = True
+    warmup: bool = True
+    slow_start: float = 30.0
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    failures: int = 5
+    open: float = 10.0
+    max_open: float = 300.0
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    attempts: int = 3
+    budget: float = 0.2  # share of recent requests that may be retries
+    window: float = 10.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    access_log: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: Listen
+    auth: AuthConfig
+    models: tuple[ModelConfig, ...]
+    admin_listen: Listen | None = None
+    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    upstream: UpstreamPool = field(default_factory=UpstreamPool)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    reasoning: str = "both"
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.I)
+_SIZE_MULT = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2,
+              "mib": 1024**2, "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_duration(v: Any) -> float:
+    """Seconds as a number, or a string like ``250ms``, ``5s``, ``2m``, ``1h``."""
+    if isinstance(v, bool):
+        raise ValueError("not a duration")
+    if isinstance(v, (int, float)):
+        if v < 0:
+            raise ValueError("must not be negative")
+        return float(v)
+    m = _DURATION.match(str(v))
+    if not m:
+        raise ValueError(f"not a duration (use seconds or e.g. 250ms, 5s, 2m): {v!r}")
+    return float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2) or "s"]
+
+
+def parse_size(v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError("not a size")
+    if isinstance(v, int):
+        if v < 0:
+            raise ValueError("must not be negative")
+        return v
+    m = _SIZE.match(str(v))
+    if not m:
+        raise ValueError(f"not a size (use bytes or e.g. 512KiB, 8MiB): {v!r}")
+    return int(m.group(1)) * _SIZE_MULT[(m.group(2) or "").lower()]
+
+
+def parse_listen(v: Any) -> Listen:
+    if not isinstance(v, str) or ":" not in v:
+        raise ValueError("must be host:port")
+    host, _, port_s = v.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ValueError(f"must be host:port with a port 1-65535: {v!r}")
+    return Listen(host, int(port_s))
+
+
+class _Reader:
+    """Walks a raw YAML tree, collecting every problem with its key path."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def fail(self, path: str, msg: str) -> None:
+        self.problems.append(f"{path}: {msg}")
+
+    def mapping(self, raw: Any, path: str, allowed: set[str]) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.fail(path, "must be a mapping")
+            return {}
+        for k in raw:
+            if k not in allowed:
+                where = f"{path}.{k}" if path else str(k)
+                self.fail(where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        return raw
+
+    def get(self, d: dict[str, Any], key: str, path: str, conv: Any, default: Any) -> Any:
+        if key not in d or d[key] is None:
+            return default
+        try:
+            return conv(d[key])
+        except (ValueError, TypeError) as e:
+            self.fail(f"{path}.{key}" if path else key, str(e))
+            return default
+
+
+def _int(lo: int) -> Any:
+    def conv(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"must be an integer >= {lo}")
+        return v
+    return conv
+
+
+def _number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError("must be a number")
+    return float(v)
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("must be true or false")
+    return v
+
+
+def _choice(options: tuple[str, ...]) -> Any:
+    def conv(v: Any) -> str:
+        if v not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return str(v)
+    return conv
+
+
+def _positive(conv: Any) -> Any:
+    def wrapped(v: Any) -> Any:
+        out = conv(v)
+        if out <= 0:
+            raise ValueError("must be greater than zero")
+        return out
+    return wrapped
+
+
+def _url(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError("not an http(s) URL")
+    u = urlsplit(v)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError("not an http(s) URL")
+    if u.path.rstrip("/") or u.query or u.fragment:
+        raise ValueError("must be scheme://host:port only (teraproxy adds the /v1/... path)")
+    try:
+        port = u.port
+    except ValueError:
+        raise ValueError("not an http(s) URL (bad port)") from None
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    return f"{u.scheme}://{host}:{port or (443 if u.scheme == 'https' else 80)}"
+
+
+def _sha256(v: Any) -> bytes:
+    if not isinstance(v, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", v):
+        raise ValueError("must be the 64-digit hex sha256 of the bearer token")
+    return bytes.fromhex(v)
+
+
+def _section(r: _Reader, raw: dict[str, Any], name: str, cls: Any, convs: dict[str, Any]) -> Any:
+    d = r.mapping(raw.get(name), name, set(convs))
+    defaults = cls()
+    return cls(**{k: r.get(d, k, name, c, getattr(defaults, k)) for k, c in convs.items()})
+
+
+def _auth(r: _Reader, raw: dict[str, Any]) -> AuthConfig:
+    if "auth" not in raw:
+        r.fail("auth", "missing: write `auth: off` for open access, or list keys")
+        return AuthConfig(enabled=False)
+    v = raw["auth"]
+    if v is False or v == "off":
+        return AuthConfig(enabled=False)
+    d = r.mapping(v, "auth", {"keys"})
+    keys_raw = d.get("keys")
+    if not isinstance(keys_raw, list) or not keys_raw:
+        r.fail("auth.keys", "must be a non-empty list (or write `auth: off`)")
+        return AuthConfig(enabled=True)
+    keys: list[KeyConfig] = []
+    seen: set[bytes] = set()
+    for i, k in enumerate(keys_raw):
+        p = f"auth.keys[{i}]"
+        kd = r.mapping(k, p, {"name", "sha256", "models"})
+        name = kd.get("name")
+        if not isinstance(name, str) or not name:
+            r.fail(f"{p}.name", "must be a non-empty string")
+            name = "?"
+        digest = r.get(kd, "sha256", p, _sha256, None)
+        if "sha256" not in kd:
+            r.fail(f"{p}.sha256", "missing")
+        models = kd.get("models")
+        if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
+            r.fail(f"{p}.models", "must be a list of model ids")
+            models = None
+        if digest is not None:
+            if digest in seen:
+                r.fail(f"{p}.sha256", "duplicate key")
+            seen.add(digest)
+            keys.append(KeyConfig(name, digest, frozenset(models) if models is not None else None))
+    return AuthConfig(enabled=True, keys=tuple(keys))
+
+
+def _replica(r: _Reader, raw: Any, p: str) -> ReplicaConfig | None:
+    d = r.mapping(raw, p, {"url", "weight", "api_key", "api_key_env"})
+    if "url" not in d:
+        r.fail(f"{p}.url", "missing")
+        return None
+    url = r.get(d, "url", p, _url, None)
+    weight = r.get(d, "weight", p, _positive(_number), 1.0)
+    api_key = d.get("api_key")
+    if api_key is not None and not isinstance(api_key, str):
+        r.fail(f"{p}.api_key", "must be a string")
+        api_key = None
+    env = d.get("api_key_env")
+    if env is not None:
+        if api_key is not None:
+            r.fail(f"{p}.api_key_env", "give api_key or api_key_env, not both")
+        elif not isinstance(env, str) or env not in os.environ:
+            r.fail(f"{p}.api_key_env", f"environment variable {env!r} is not set")
+        else:
+            api_key = os.environ[env]
+    return ReplicaConfig(url, weight, api_key) if url else None
+
+
+def _models(r: _Reader, raw: dict[str, Any], default_emit: str) -> tuple[ModelConfig, ...]:
+    ms = raw.get("models")
+    if not isinstance(ms, list) or not ms:
+        r.fail("models", "must be a non-empty list")
+        return ()
+    out: list[ModelConfig] = []
+    ids: set[str] = set()
+    for i, m in enumerate(ms):
+        p = f"models[{i}]"
+        d = r.mapping(m, p, {"id", "replicas", "reasoning", "reasoning_in", "policy"})
+        mid = d.get("id")
+        if not isinstance(mid, str) or not mid.strip():
+            r.fail(f"{p}.id", "must be a non-empty string (the HuggingFace model id)")
+            continue
+        if mid in ids:
+            r.fail(f"{p}.id", f"duplicate model id {mid!r}")
+        ids.add(mid)
+        reps_raw = d.get("replicas")
+        if not isinstance(reps_raw, list) or not reps_raw:
+            r.fail(f"{p}.replicas", "must be a non-empty list")
+            reps_raw = []
+        reps = [_replica(r, x, f"{p}.replicas[{j}]") for j, x in enumerate(reps_raw)]
+        urls = [x.url for x in reps if x]
+        if len(set(urls)) != len(urls):
+            r.fail(f"{p}.replicas", "the same url is listed twice")
+        emit = r.get(d, "reasoning", p, _reasoning_emit, default_emit)
+        out.append(ModelConfig(
+            id=mid,
+            replicas=tuple(x for x in reps if x),
+            reasoning=emit,
+            reasoning_in=r.get(d, "reasoning_in", p, _bool, True),
+            policy=r.get(d, "policy", p, _choice(POLICIES), "least"),
+        ))
+    return tuple(out)
+
+
+def _reasoning_emit(v: Any) -> str:
+    """``reasoning: both`` or ``reasoning: {emit: both}``."""
+    if isinstance(v, dict):
+        if set(v) - {"emit"}:
+            raise ValueError("unknown key (allowed: emit)")
+        v = v.get("emit")
+    return str(_choice(EMITS)(v))
+
+
+def parse_config(raw: Any) -> Config:
+    r = _Reader()
+    top = {"listen", "admin_listen", "auth", "models", "limits", "timeouts", "upstream",
+           "health", "breaker", "retry", "log", "reasoning"}
+    if not isinstance(raw, dict):
+        raise ConfigError(["(top level): must be a mapping of settings"])
+    r.mapping(raw, "", top)
+    if "listen" not in raw:
+        r.fail("listen", "missing (e.g. 127.0.0.1:8080)")
+    listen = r.get(raw, "listen", "", parse_listen, Listen("127.0.0.1", 8080))
+    admin = r.get(raw, "admin_listen", "", parse_listen, None)
+    if admin is not None and admin == listen:
+        r.fail("admin_listen", "must differ from listen (metrics and admin never share the API port)")
+    emit = r.get(raw, "reasoning", "", _reasoning_emit, "both")
+    dur, pdur, pint = parse_duration, _positive(parse_duration), _int(1)
+    cfg = Config(
+        listen=listen,
+        admin_listen=admin,
+        auth=_auth(r, raw),
+        models=_models(r, raw, emit),
+        reasoning=emit,
+        limits=_section(r, raw, "limits", Limits,
+                        {"max_body": _positive(parse_size), "body_read": pdur}),
+        timeouts=_section(r, raw, "timeouts", Timeouts,
+                          {"connect": pdur, "headers": pdur, "idle": pdur, "keepalive": pdur}),
+        upstream=_section(r, raw, "upstream", UpstreamPool, {"max_connections": pint, "keepalive": pdur}),
+        health=_section(r, raw, "health", HealthConfig, {
+            "enabled": _bool, "path": _path, "interval": pdur, "timeout": pdur, "fall": pint,
+            "rise": pint, "check_models": _bool, "warmup": _bool, "slow_start": dur}),
+        breaker=_section(r, raw, "breaker", BreakerConfig, {"failures": pint, "open": pdur, "max_open": pdur}),
+        retry=_section(r, raw, "retry", RetryConfig, {"attempts": pint, "budget": _fraction, "window": pdur}),
+        log=_section(r, raw, "log", LogConfig,
+                     {"level": _choice(("debug", "info", "warning", "error")), "access_log": _bool}),
+    )
+    if cfg.breaker.max_open < cfg.breaker.open:
+        r.fail("breaker.max_open", "must be >= breaker.open")
+    if r.problems:
+        raise ConfigError(r.problems)
+    return cfg
+
+
+def _path(v: Any) -> str:
+    if not isinstance(v, str) or not v.startswith("/"):
+        raise ValueError("must be a path starting with /")
+    return v
+
+
+def _fraction(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+        raise ValueError("must be a number between 0 and 1")
+    return float(v)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file; every failure is a ConfigError with one line per problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read config: {e.strerror or e}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError([f"{path}: invalid YAML{where}: {problem}"]) from None
+    return parse_config(raw)

@@ -1,0 +1,153 @@
+"""The proxy's error hierarchy and the one function that renders an error as OpenAI JSON.
+
+Every error teraproxy itself produces is a ProxyError subclass carrying its HTTP status,
+OpenAI error ``type`` and a string ``code`` (the Tera spec types ``code`` as a string).
+Invariant: each class maps to exactly one status; tests check every subclass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import orjson
+
+
+def error_body(message: str, type_: str, code: str | None) -> bytes:
+    """The OpenAI error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}})
+
+
+class ProxyError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code  # type: ignore[misc]  # per-instance override of the class default
+        self.headers: Mapping[str, str] = headers or {}
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code)
+
+
+class BadRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class AuthError(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "model_not_allowed"
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class RateLimited(ProxyError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class UpstreamError(ProxyError):
+    """The replica was unreachable, broke the connection, or answered something unusable."""
+
+    status = 502
+    type = "server_error"
+    code = "bad_gateway"
+
+
+class NoHealthyReplica(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "no_healthy_replica"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    type = "server_error"
+    code = "gateway_timeout"
+
+
+def all_error_classes() -> list[type[ProxyError]]:
+    """ProxyError and every subclass, depth first (used by tests and docs)."""
+    out: list[type[ProxyError]] = []
+    todo: list[type[ProxyError]] = [ProxyError]
+    while todo:
+        cls = todo.pop()
+        out.append(cls)
+        todo.extend(cls.__subclasses__())
+    return out
+
+
+_STATUS_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
+                 404: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+                 429: "rate_limit_error"}
+
+
+def normalise_upstream_error(status: int, body: bytes) -> bytes:
+    """Turn a replica's error body into the OpenAI shape, keeping its message.
+
+    vLLM answers ``{"object": "error", "message", "type", "code": 400}`` (older) or
+    ``{"error": {...}}`` (newer); ``code`` may be an int. Anything else becomes a generic message.
+    """
+    try:
+        doc: Any = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        doc = None
+    err: Any = doc.get("error") if isinstance(doc, dict) else None
+    if not isinstance(err, dict):
+        err = doc if isinstance(doc, dict) and "message" in doc else {}
+    message = err.get("message")
+    if not isinstance(message, str) or not message:
+        text = body[:200].decode("utf-8", "replace").strip()
+        message = f"replica answered HTTP {status}" + (f": {text}" if text else "")
+    type_ = err.get("type")
+    if not isinstance(type_, str) or not type_:
+        type_ = _STATUS_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    code = err.get("code")
+    code_s = str(code) if code is not None and code != "" else str(status)
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": err.get("param"), "code": code_s}})

@@ -1,0 +1,134 @@
+"""Active health checks: one owned, named asyncio task per replica, on the app's ClientSession.
+
+Each task probes ``GET health.path`` every ``health.interval`` (±15% jitter, first probe within
+a random fraction of a second so a fleet is not probed in lock-step). A replica goes down after
+``fall`` consecutive failures and comes up after ``rise`` successes (one at start-up), but only
+once ``GET /v1/models`` shows it serves the model it is configured for and, with ``warmup``, a
+1-token request has completed — so users never pay a cold start (CUDA graph capture) themselves.
+Tasks are cancelled and awaited in ``stop()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import aiohttp
+import orjson
+
+from teraproxy.config import Config
+from teraproxy.upstreams import ModelPool, Replica
+
+log = logging.getLogger("teraproxy.health")
+
+
+class HealthChecker:
+    def __init__(self, config: Config, table: dict[str, ModelPool], session: aiohttp.ClientSession,
+                 rng: random.Random | None = None) -> None:
+        self.cfg = config.health
+        self.warmup_timeout = config.timeouts.headers
+        self.table = table
+        self.session = session
+        self.rng = rng or random.Random()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._timeout = aiohttp.ClientTimeout(total=self.cfg.timeout)
+
+    def start(self) -> None:
+        if not self.cfg.enabled:
+            return
+        for pool in self.table.values():
+            for r in pool.replicas:
+                self._spawn(self._watch(r), f"health:{pool.id}@{r.url}")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def stop(self) -> None:
+        tasks = list(self.tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _watch(self, r: Replica) -> None:
+        ok_run = fail_run = 0
+        ever_up = False
+        await asyncio.sleep(self.rng.uniform(0, min(0.25, self.cfg.interval)))
+        while True:
+            ok, why = await self.probe(r)
+            if ok:
+                ok_run, fail_run = ok_run + 1, 0
+                if not r.up and ok_run >= (self.cfg.rise if ever_up else 1):
+                    ok, why = await self._admit(r)
+                    if ok:
+                        r.mark_up(time.monotonic(), first=not ever_up)
+                        log.warning("replica %s (%s) is up", r.url, r.model_id)
+                        ever_up = True
+                    else:
+                        ok_run = 0
+                        r.reason = why
+            else:
+                fail_run, ok_run = fail_run + 1, 0
+                if r.up and fail_run >= self.cfg.fall:
+                    r.mark_down(why)
+                    log.warning("replica %s (%s) is down: %s", r.url, r.model_id, why)
+                elif not r.up:
+                    r.reason = why
+            await asyncio.sleep(self.cfg.interval * self.rng.uniform(0.85, 1.15))
+
+    async def probe(self, r: Replica) -> tuple[bool, str]:
+        t0 = time.monotonic()
+        try:
+            async with self.session.get(r.url + self.cfg.path, timeout=self._timeout) as resp:
+                await resp.read()
+                status = resp.status
+        except TimeoutError:
+            return self._checked(r, t0, False, f"health check timed out after {self.cfg.timeout:g}s")
+        except aiohttp.ClientError as e:
+            return self._checked(r, t0, False, f"health check failed: {e or type(e).__name__}")
+        if status != 200:
+            return self._checked(r, t0, False, f"health check answered HTTP {status}")
+        return self._checked(r, t0, True, "healthy")
+
+    @staticmethod
+    def _checked(r: Replica, t0: float, ok: bool, why: str) -> tuple[bool, str]:
+        r.last_check = time.monotonic()
+        r.latency = r.last_check - t0
+        return ok, why
+
+    def _headers(self, r: Replica) -> dict[str, str]:
+        return {"Authorization": r.auth_header} if r.auth_header else {}
+
+    async def _admit(self, r: Replica) -> tuple[bool, str]:
+        """Before a replica takes traffic: does it serve our model, and is it warm?"""
+        try:
+            if self.cfg.check_models:
+                async with self.session.get(r.url + "/v1/models", headers=self._headers(r),
+                                            timeout=self._timeout) as resp:
+                    if resp.status != 200:
+                        return False, f"/v1/models answered HTTP {resp.status}"
+                    doc = orjson.loads(await resp.read())
+                ids = [m.get("id") for m in doc.get("data", []) if isinstance(m, dict)]
+                if r.model_id not in ids:
+                    return False, f"serves {', '.join(map(str, ids)) or 'no model'}, not {r.model_id}"
+            if self.cfg.warmup:
+                r.reason = "warming up"
+                body = orjson.dumps({"model": r.model_id, "max_tokens": 1, "stream": False,
+                                     "messages": [{"role": "user", "content": "ping"}]})
+                async with self.session.post(
+                        r.url + "/v1/chat/completions", data=body,
+                        headers={"Content-Type": "application/json", **self._headers(r)},
+                        timeout=aiohttp.ClientTimeout(total=self.warmup_timeout)) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        return False, f"warm-up request answered HTTP {resp.status}"
+        except TimeoutError:
+            return False, "admission check timed out"
+        except (aiohttp.ClientError, orjson.JSONDecodeError, AttributeError) as e:
+            return False, f"admission check failed: {e or type(e).__name__}"
+        return True, "healthy"

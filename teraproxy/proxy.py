@@ -1,0 +1,440 @@
+"""The request path: auth → body → route → forward (with retries) → relay → account.
+
+Invariants:
+- the body is parsed once; the client's bytes are forwarded unchanged unless the request-side
+  reasoning alias must be added;
+- a response is committed when its status line goes out: for a stream, once the replica's first
+  complete SSE event has arrived; for a non-stream answer, once its body is complete. Before that
+  any failure may be retried on another replica (never the same one twice); after it nothing is,
+  and a failure costs the client an OpenAI-shaped error event and ``data: [DONE]``;
+- the client's Authorization never reaches a replica, a replica's key never reaches a client;
+- in-flight counts and breaker probe slots are released in ``finally``, whatever happens
+  (including the client going away, which cancels the handler and closes the upstream request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from teraproxy import sse
+from teraproxy.auth import KeyTable
+from teraproxy.balance import RetryBudget, pick
+from teraproxy.config import Config, KeyConfig
+from teraproxy.errors import (
+    BadRequest,
+    ModelNotFound,
+    NoHealthyReplica,
+    PayloadTooLarge,
+    ProxyError,
+    RequestTimeout,
+    UpstreamError,
+    UpstreamTimeout,
+    error_body,
+    normalise_upstream_error,
+)
+from teraproxy.upstreams import ModelPool, Replica
+
+log = logging.getLogger("teraproxy")
+access_log = logging.getLogger("teraproxy.access")
+
+# Never forwarded to a replica: hop-by-hop headers (RFC 9110 §7.6.1), framing we rebuild, the
+# client's credentials, and OpenAI account headers Tera does not accept.
+_DROP_REQUEST = frozenset(h.lower() for h in (
+    "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization", "TE",
+    "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Content-Encoding",
+    "Accept-Encoding", "Authorization", "Cookie", "X-Api-Key", "Api-Key", "OpenAI-Organization",
+    "OpenAI-Project", "Expect", "X-Request-ID", "X-Forwarded-For"))
+# Copied from a replica's answer to the client (everything else is rebuilt or dropped).
+_KEEP_RESPONSE = ("Content-Type", "Content-Disposition")
+_DONE_TAIL = b"[DONE]"
+
+
+class _AttemptFailed(Exception):
+    """One attempt failed before the commit point: count it against the replica, maybe retry."""
+
+    def __init__(self, error: ProxyError | None = None, status: int = 0, body: bytes = b"") -> None:
+        super().__init__(error.message if error else f"HTTP {status}")
+        self.error = error
+        self.status = status  # a replica's own 5xx answer, kept for the client if retries run out
+        self.body = body
+
+
+class Ctx:
+    """What the access log needs to know about one request."""
+
+    __slots__ = ("rid", "key", "model", "replica", "attempts", "status", "stream", "t0", "ttfb", "error",
+                 "frames_rewritten", "late_failure")
+
+    def __init__(self, rid: str) -> None:
+        self.rid = rid
+        self.key: str | None = None
+        self.model: str | None = None
+        self.replica: str | None = None
+        self.attempts = 0
+        self.status = 0
+        self.stream = False
+        self.t0 = time.monotonic()
+        self.ttfb: float | None = None
+        self.error: str | None = None
+        self.frames_rewritten = 0
+        self.late_failure = False  # the replica failed after the response was committed
+
+
+CTX = web.RequestKey("teraproxy_ctx", Ctx)
+
+
+class Proxy:
+    """The handlers of the API routes; every dependency comes in through the constructor."""
+
+    def __init__(self, config: Config, table: dict[str, ModelPool], keys: KeyTable,
+                 session: aiohttp.ClientSession, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        self.config = config
+        self.table = table
+        self.keys = keys
+        self.session = session
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.budget = RetryBudget(config.retry.budget, config.retry.window, clock)
+        t = config.timeouts
+        self._t_stream = aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect,
+                                               sock_read=t.idle)
+        self._t_full = aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect,
+                                             sock_read=t.headers)
+        self.created = int(time.time())
+
+    # -- entry points ----------------------------------------------------------------------
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "/v1/chat/completions", "messages")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "/v1/completions", "prompt")
+
+    async def speech(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "/v1/audio/speech", "input")
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        key = self._auth(request)
+        data = [self._model_obj(m) for m in self.table if key is None or key.models is None or m in key.models]
+        return self._json(request, {"object": "list", "data": data})
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        key = self._auth(request)
+        mid = request.match_info["model"]
+        if mid not in self.table:
+            raise ModelNotFound(f"The model '{mid}' does not exist.")
+        self.keys.allow_model(key, mid)
+        return self._json(request, self._model_obj(mid))
+
+    # -- steps -------------------------------------------------------------------------------
+    def _auth(self, request: web.Request) -> KeyConfig | None:
+        key = self.keys.check(request.headers.get("Authorization"))
+        if key is not None:
+            request[CTX].key = key.name  # type: ignore[index]
+        return key
+
+    def _model_obj(self, mid: str) -> dict[str, Any]:
+        return {"id": mid, "object": "model", "created": self.created, "owned_by": "teraproxy"}
+
+    def _json(self, request: web.Request, obj: Any) -> web.Response:
+        return web.Response(body=orjson.dumps(obj), content_type="application/json",
+                            headers={"X-Request-ID": request[CTX].rid})  # type: ignore[index]
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.config.limits.max_body
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(f"Request body of {request.content_length} bytes is over the limit of "
+                                  f"{limit} bytes.")
+        try:
+            async with asyncio.timeout(self.config.limits.body_read):
+                body = await request.content.read(limit + 1)
+                if len(body) <= limit and not request.content.at_eof():
+                    body += await request.content.read(limit + 1 - len(body))
+        except TimeoutError:
+            raise RequestTimeout("The request body was not received in time.") from None
+        if len(body) > limit:
+            raise PayloadTooLarge(f"Request body is over the limit of {limit} bytes.")
+        return body
+
+    @staticmethod
+    def _parse(body: bytes, required: str) -> dict[str, Any]:
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise BadRequest(f"The request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(payload, dict):
+            raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequest("'model' is required and must be a string (a HuggingFace model id).",
+                             code="invalid_model")
+        if required not in payload:
+            raise BadRequest(f"'{required}' is a required property.", code="missing_required_parameter")
+        if required == "messages" and not isinstance(payload["messages"], list):
+            raise BadRequest("'messages' must be an array.", code="invalid_type")
+        return payload
+
+    async def _generate(self, request: web.Request, path: str, required: str) -> web.StreamResponse:
+        ctx: Ctx = request[CTX]  # type: ignore[index]
+        key = self._auth(request)
+        body = await self._read_body(request)
+        payload = self._parse(body, required)
+        model: str = payload["model"]
+        ctx.model = model
+        pool = self.table.get(model)
+        if pool is None:
+            raise ModelNotFound(f"The model '{model}' does not exist or is not served here.")
+        self.keys.allow_model(key, model)
+        stream = payload.get("stream") is True
+        ctx.stream = stream
+        chat = required == "messages"
+        if chat and pool.reasoning_in and sse.needs_request_rewrite(body) and sse.add_request_reasoning(payload):
+            body = orjson.dumps(payload)  # the one case where the request is re-serialised
+        affinity = None
+        if pool.affinity:
+            user = payload.get("user")
+            affinity = request.headers.get("X-Session-ID") or (user if isinstance(user, str) else None)
+        headers = self._upstream_headers(request, ctx.rid)
+        mode = "sse" if stream and path != "/v1/audio/speech" else ("bytes" if path == "/v1/audio/speech" else "full")
+        return await self._forward(request, ctx, pool, path, body, headers, mode, chat, affinity)
+
+    def _upstream_headers(self, request: web.Request, rid: str) -> CIMultiDict[str]:
+        out: CIMultiDict[str] = CIMultiDict()
+        connection = request.headers.get("Connection", "")
+        named = {h.strip().lower() for h in connection.split(",")} if connection else set()
+        for k, v in request.headers.items():
+            lk = k.lower()
+            if lk not in _DROP_REQUEST and lk not in named:
+                out.add(k, v)
+        out["Accept-Encoding"] = "identity"
+        out["X-Request-ID"] = rid
+        peer = request.remote
+        if peer:
+            prior = request.headers.get("X-Forwarded-For")
+            out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        return out
+
+    # -- attempts ----------------------------------------------------------------------------
+    async def _forward(self, request: web.Request, ctx: Ctx, pool: ModelPool, path: str, body: bytes,
+                       headers: CIMultiDict[str], mode: str, chat: bool,
+                       affinity: str | None) -> web.StreamResponse:
+        tried: list[Replica] = []
+        last: _AttemptFailed | None = None
+        self.budget.request()
+        for attempt in range(self.config.retry.attempts):
+            replica = pick(pool.replicas, tried, self.clock(), self.rng, affinity)
+            if replica is None:
+                break
+            if attempt and not self.budget.try_retry():
+                log.warning("retry budget exhausted; not retrying request %s", ctx.rid)
+                break
+            tried.append(replica)
+            if not replica.breaker.acquire():  # another request took the half-open probe
+                continue
+            ctx.attempts += 1
+            ctx.replica = replica.url
+            replica.in_flight += 1
+            replica.requests += 1
+            verdict: bool | None = None
+            try:
+                resp = await self._attempt(request, ctx, pool, replica, path, body, headers, mode, chat)
+                verdict = not ctx.late_failure
+                return resp
+            except _AttemptFailed as e:
+                verdict = False
+                replica.failures += 1
+                last = e
+                log.warning("replica %s failed for %s (attempt %d): %s", replica.url, ctx.rid, ctx.attempts, e)
+            finally:
+                replica.in_flight -= 1
+                if verdict is None:
+                    replica.breaker.release()
+                else:
+                    replica.breaker.record(verdict)
+        if last is not None:
+            if last.error is not None:
+                raise last.error
+            return self._replica_error(request, last.status, last.body)
+        wait = max(1, round(pool.retry_in() + 0.5)) if pool.retry_in() > 0 else 1
+        raise NoHealthyReplica(f"No healthy replica is available for model '{pool.id}'.",
+                               headers={"Retry-After": str(wait)})
+
+    async def _attempt(self, request: web.Request, ctx: Ctx, pool: ModelPool, replica: Replica, path: str,
+                       body: bytes, headers: CIMultiDict[str], mode: str, chat: bool) -> web.StreamResponse:
+        hdrs = headers
+        if replica.auth_header:
+            hdrs = headers.copy()
+            hdrs["Authorization"] = replica.auth_header
+        try:
+            upstream = await self.session.post(replica.url + path, data=body, headers=hdrs,
+                                               timeout=self._t_stream if mode != "full" else self._t_full)
+        except TimeoutError:
+            raise _AttemptFailed(UpstreamTimeout(f"Replica {replica.url} did not answer in time.")) from None
+        except aiohttp.ClientError as e:
+            raise _AttemptFailed(UpstreamError(f"Replica {replica.url} is unreachable: {_why(e)}")) from None
+        try:
+            status = upstream.status
+            if status >= 400:
+                data = await self._read_error(upstream, replica)
+                if status == 401 and _is_bare_unauthorized(data):
+                    log.error("replica %s REJECTED teraproxy's own credentials (HTTP 401): check "
+                              "models[].replicas[].api_key for model %s", replica.url, pool.id)
+                    raise _AttemptFailed(UpstreamError(
+                        f"Replica for model '{pool.id}' rejected the gateway's credentials."))
+                if status >= 500:
+                    raise _AttemptFailed(status=status, body=data)
+                ctx.error = f"replica answered {status}"
+                return self._replica_error(request, status, data)
+            if mode == "full":
+                return await self._relay_full(request, ctx, upstream, pool, chat)
+            if mode == "sse" and upstream.content_type == "text/event-stream":
+                return await self._relay_sse(request, ctx, upstream, replica, pool.emit if chat else "passthrough")
+            return await self._relay_bytes(request, ctx, upstream)
+        finally:
+            upstream.close()  # after a complete body this returns the connection to the pool
+
+    async def _read_error(self, upstream: aiohttp.ClientResponse, replica: Replica) -> bytes:
+        """An error body, read to its end but never past 64 KiB."""
+        data = b""
+        try:
+            while len(data) < 65536:
+                chunk = await upstream.content.read(65536 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            return data
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise _AttemptFailed(UpstreamError(f"Replica {replica.url} broke its answer: {_why(e)}")) from None
+
+    def _replica_error(self, request: web.Request, status: int, data: bytes) -> web.Response:
+        return web.Response(status=status, body=normalise_upstream_error(status, data),
+                            content_type="application/json",
+                            headers={"X-Request-ID": request[CTX].rid})  # type: ignore[index]
+
+    def _response_headers(self, upstream: aiohttp.ClientResponse, rid: str) -> dict[str, str]:
+        out = {"X-Request-ID": rid}
+        for h in _KEEP_RESPONSE:
+            v = upstream.headers.get(h)
+            if v is not None:
+                out[h] = v
+        return out
+
+    # -- relays --------------------------------------------------------------------------------
+    async def _relay_full(self, request: web.Request, ctx: Ctx, upstream: aiohttp.ClientResponse,
+                          pool: ModelPool, chat: bool) -> web.Response:
+        try:
+            data = await upstream.read()
+        except TimeoutError:
+            raise _AttemptFailed(UpstreamTimeout(f"Replica {upstream.url.origin()} timed out mid-answer.")) from None
+        except aiohttp.ClientError as e:
+            raise _AttemptFailed(UpstreamError(f"Replica broke its answer: {_why(e)}")) from None
+        if chat and pool.emit != "passthrough":
+            data = sse.rewrite_message_body(data, pool.emit)
+        ctx.ttfb = time.monotonic() - ctx.t0
+        return web.Response(status=upstream.status, body=data, headers=self._response_headers(upstream, ctx.rid))
+
+    async def _relay_sse(self, request: web.Request, ctx: Ctx, upstream: aiohttp.ClientResponse,
+                         replica: Replica, emit: str) -> web.StreamResponse:
+        relay = sse.SSERelay(emit)
+        content = upstream.content
+        out = b""
+        # Before the commit point: gather until the first complete event; failures are retryable.
+        try:
+            while not out:
+                chunk = await content.readany()
+                if not chunk:
+                    raise _AttemptFailed(UpstreamError(
+                        f"Replica {replica.url} closed the stream before its first event."))
+                out = relay.feed(chunk)
+        except TimeoutError:
+            raise _AttemptFailed(UpstreamTimeout(f"Replica {replica.url} sent no event in time.")) from None
+        except aiohttp.ClientError as e:
+            raise _AttemptFailed(UpstreamError(f"Replica {replica.url} broke the stream: {_why(e)}")) from None
+        headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                   "X-Accel-Buffering": "no", "X-Request-ID": ctx.rid}
+        resp = web.StreamResponse(status=200, headers=headers)
+        await resp.prepare(request)  # the commit point
+        ctx.ttfb = time.monotonic() - ctx.t0
+        replica.breaker.record(True)  # a half-open probe is judged here, at the commit point
+        # the last two writes, to check the stream ended with [DONE] without copying every chunk
+        prev, last = b"", out
+        try:
+            await resp.write(out)
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                out = relay.feed(chunk)
+                if out:
+                    prev, last = last, out
+                    await resp.write(out)
+            tail = relay.flush()
+            if tail:
+                prev, last = last, tail
+                await resp.write(tail)
+            if not (prev[-16:] + last[-16:]).rstrip().endswith(_DONE_TAIL):
+                raise aiohttp.ClientPayloadError("stream ended without data: [DONE]")
+        except (TimeoutError, aiohttp.ClientError) as e:
+            why = "went silent" if isinstance(e, TimeoutError) else f"broke the stream ({_why(e)})"
+            ctx.error = f"replica {why} after the response began"
+            ctx.late_failure = True
+            replica.failures += 1
+            log.warning("replica %s %s for %s", replica.url, ctx.error, ctx.rid)
+            code = "gateway_timeout" if isinstance(e, TimeoutError) else "bad_gateway"
+            await resp.write(b"data: " + error_body(
+                f"The model replica {why} after the response began; the answer is incomplete.",
+                "server_error", code) + b"\n\ndata: [DONE]\n\n")
+        ctx.frames_rewritten = relay.rewritten
+        await resp.write_eof()
+        return resp
+
+    async def _relay_bytes(self, request: web.Request, ctx: Ctx, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        """Audio and other non-SSE bodies: committed at the replica's headers, streamed through."""
+        resp = web.StreamResponse(status=upstream.status, headers=self._response_headers(upstream, ctx.rid))
+        await resp.prepare(request)
+        ctx.ttfb = time.monotonic() - ctx.t0
+        try:
+            async for chunk in upstream.content.iter_any():
+                await resp.write(chunk)
+        except (TimeoutError, aiohttp.ClientError) as e:
+            ctx.error = f"replica broke the body after the response began ({_why(e)})"
+            ctx.late_failure = True
+            log.warning("%s for %s", ctx.error, ctx.rid)
+            # no way to signal an error inside a binary body: cut the connection so the
+            # client sees a truncated transfer instead of a silently short file
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
+        await resp.write_eof()
+        return resp
+
+
+def _why(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text if len(text) < 200 else text[:200] + "..."
+
+
+def _is_bare_unauthorized(data: bytes) -> bool:
+    """vLLM's --api-key middleware answers exactly ``{"error": "Unauthorized"}``."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("error"), str)
+
+
+def new_request_id(given: str | None) -> str:
+    if given and len(given) <= 128 and given.isprintable() and given.isascii():
+        return given
+    return uuid.uuid4().hex

@@ -1,0 +1,96 @@
+"""Replicas and model pools: the routing table, built once per config.
+
+A Replica holds what the balancer needs on the hot path as plain attributes (in-flight count,
+health, breaker); the table maps a model id to its ModelPool with one dict lookup. Health state
+is written by health.py, breaker state by the proxy; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from teraproxy.breaker import Breaker
+from teraproxy.config import Config, ModelConfig, ReplicaConfig
+
+
+class Replica:
+    __slots__ = ("cfg", "url", "model_id", "weight", "in_flight", "up", "reason", "breaker", "clock",
+                 "up_since", "slow_start", "last_check", "latency", "requests", "failures",
+                 "auth_header", "warm")
+
+    def __init__(self, cfg: ReplicaConfig, model_id: str, config: Config, clock: Callable[[], float]) -> None:
+        self.cfg = cfg
+        self.url = cfg.url
+        self.model_id = model_id
+        self.weight = cfg.weight
+        self.in_flight = 0
+        # Without active checks a replica is trusted until traffic says otherwise;
+        # with them it starts down and must pass `rise` checks (and the warm-up) first.
+        self.up = not config.health.enabled
+        self.reason = "not checked yet" if config.health.enabled else "health checks disabled"
+        self.breaker = Breaker(config.breaker.failures, config.breaker.open, config.breaker.max_open, clock)
+        self.clock = clock
+        self.up_since = -1e18  # far past: full weight
+        self.slow_start = config.health.slow_start
+        self.last_check: float | None = None
+        self.latency: float | None = None
+        self.requests = 0
+        self.failures = 0
+        self.auth_header = f"Bearer {cfg.api_key}" if cfg.api_key else None
+        self.warm = True
+
+    def available(self) -> bool:
+        return self.up and self.breaker.available()
+
+    def effective_weight(self, now: float) -> float:
+        """Weight ramps linearly from 10% to 100% over slow_start after the replica comes up."""
+        age = now - self.up_since
+        if self.slow_start <= 0 or age >= self.slow_start:
+            return self.weight
+        return self.weight * max(0.1, age / self.slow_start)
+
+    def mark_up(self, now: float, first: bool) -> None:
+        self.up = True
+        self.reason = "healthy"
+        # a replica that is there when the proxy starts takes full weight at once
+        self.up_since = -1e18 if first else now
+
+    def mark_down(self, reason: str) -> None:
+        self.up = False
+        self.reason = reason
+
+    def retry_in(self) -> float:
+        return self.breaker.retry_in()
+
+    def snapshot(self) -> dict[str, object]:
+        now = self.clock()
+        return {
+            "url": self.url, "model": self.model_id, "up": self.up, "reason": self.reason,
+            "breaker": self.breaker.snapshot(), "in_flight": self.in_flight, "weight": self.weight,
+            "effective_weight": round(self.effective_weight(now), 3),
+            "last_check_ago": None if self.last_check is None else round(now - self.last_check, 3),
+            "latency_ms": None if self.latency is None else round(self.latency * 1000, 2),
+            "requests": self.requests, "failures": self.failures,
+        }
+
+
+class ModelPool:
+    __slots__ = ("cfg", "id", "replicas", "emit", "reasoning_in", "affinity")
+
+    def __init__(self, cfg: ModelConfig, config: Config, clock: Callable[[], float]) -> None:
+        self.cfg = cfg
+        self.id = cfg.id
+        self.replicas = tuple(Replica(r, cfg.id, config, clock) for r in cfg.replicas)
+        self.emit = cfg.reasoning
+        self.reasoning_in = cfg.reasoning_in
+        self.affinity = cfg.policy == "affinity"
+
+    def retry_in(self) -> float:
+        """Seconds until the soonest replica of this pool may be tried (for Retry-After)."""
+        waits = [r.retry_in() for r in self.replicas if r.up]
+        return min(waits) if waits else 0.0
+
+
+def build_table(config: Config, clock: Callable[[], float] = time.monotonic) -> dict[str, ModelPool]:
+    return {m.id: ModelPool(m, config, clock) for m in config.models}

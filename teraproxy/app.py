@@ -150,6 +150,39 @@ def create_admin_app(api: web.Application) -> web.Application:
     return admin
 
 
+async def start_servers(config: Config) -> tuple[web.Application, list[web.AppRunner]]:
+    """Set up the API (and admin) runners with the hardened server settings and bind them.
+
+    Raises OSError naming the address when a port cannot be bound (runners already set up
+    are cleaned up first). Callers clean the returned runners up in reverse order.
+    """
+    app = create_app(config)
+    runners: list[web.AppRunner] = []
+    try:
+        runner = web.AppRunner(app, handler_cancellation=True, keepalive_timeout=config.timeouts.keepalive,
+                               access_log=None, shutdown_timeout=30.0)
+        await runner.setup()
+        runners.append(runner)
+        await _bind(runner, config.listen.host, config.listen.port, "listen")
+        if config.admin_listen is not None:
+            admin = web.AppRunner(create_admin_app(app), access_log=None, keepalive_timeout=15)
+            await admin.setup()
+            runners.append(admin)
+            await _bind(admin, config.admin_listen.host, config.admin_listen.port, "admin_listen")
+    except BaseException:
+        for r in reversed(runners):
+            await r.cleanup()
+        raise
+    return app, runners
+
+
+async def _bind(runner: web.AppRunner, host: str, port: int, key: str) -> None:
+    try:
+        await web.TCPSite(runner, host, port, backlog=4096).start()
+    except OSError as e:
+        raise OSError(e.errno, f"{key}: cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def app_factory() -> web.Application:
     """For `adev runserver teraproxy/app.py --app-factory app_factory` (config from TERAPROXY_CONFIG)."""
     return create_app(load_config(os.environ.get("TERAPROXY_CONFIG", "conf/demo.yaml")))

@@ -66,31 +66,14 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
-async def _site(runner: Any, host: str, port: int, what: str) -> None:
-    from aiohttp import web
-
-    try:
-        await web.TCPSite(runner, host, port, backlog=4096).start()
-    except OSError as e:
-        raise StartupError(f"cannot listen on {host}:{port} for {what}: {e.strerror or e}") from None
-
-
 async def serve_forever(config: Config, ready: Callable[[], None] | None = None) -> None:
-    from aiohttp import web
+    from teraproxy.app import start_servers
 
-    from teraproxy.app import create_admin_app, create_app
-
-    app = create_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, keepalive_timeout=config.timeouts.keepalive,
-                           access_log=None, shutdown_timeout=30.0)
-    admin_runner = None
-    await runner.setup()
     try:
-        await _site(runner, config.listen.host, config.listen.port, "the API (listen)")
-        if config.admin_listen is not None:
-            admin_runner = web.AppRunner(create_admin_app(app), access_log=None, keepalive_timeout=15)
-            await admin_runner.setup()
-            await _site(admin_runner, config.admin_listen.host, config.admin_listen.port, "admin_listen")
+        _, runners = await start_servers(config)
+    except OSError as e:
+        raise StartupError(e.strerror or str(e)) from None
+    try:
         logging.getLogger("teraproxy").warning(
             "teraproxy %s listening on %s (admin: %s), %d model(s)", __version__, config.listen,
             config.admin_listen or "off", len(config.models))
@@ -98,9 +81,8 @@ async def serve_forever(config: Config, ready: Callable[[], None] | None = None)
             ready()
         await _until_signalled()
     finally:
-        if admin_runner is not None:
-            await admin_runner.cleanup()
-        await runner.cleanup()
+        for r in reversed(runners):
+            await r.cleanup()
 
 
 def _run(coro: Awaitable[None]) -> int:
@@ -228,7 +210,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _fail("admin_listen: not set in this config, so there is no status to read")
     url = f"http://{config.admin_listen}/admin/upstreams"
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (our own loopback admin URL)
+        with urllib.request.urlopen(url, timeout=5) as resp:
             doc = orjson.loads(resp.read())
     except (urllib.error.URLError, OSError) as e:
         return _fail(f"cannot reach {url}: {getattr(e, 'reason', e)}")
@@ -240,7 +222,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                          str(r["in_flight"]), lat, r["reason"]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
     return 0
 
 

@@ -73,8 +73,20 @@ class _AttemptFailed(Exception):
 class Ctx:
     """What the access log needs to know about one request."""
 
-    __slots__ = ("rid", "key", "model", "replica", "attempts", "status", "stream", "t0", "ttfb", "error",
-                 "frames_rewritten", "late_failure")
+    __slots__ = (
+        "attempts",
+        "error",
+        "frames_rewritten",
+        "key",
+        "late_failure",
+        "model",
+        "replica",
+        "rid",
+        "status",
+        "stream",
+        "t0",
+        "ttfb",
+    )
 
     def __init__(self, rid: str) -> None:
         self.rid = rid
@@ -141,7 +153,7 @@ class Proxy:
     def _auth(self, request: web.Request) -> KeyConfig | None:
         key = self.keys.check(request.headers.get("Authorization"))
         if key is not None:
-            request[CTX].key = key.name  # type: ignore[index]
+            request[CTX].key = key.name
         return key
 
     def _model_obj(self, mid: str) -> dict[str, Any]:
@@ -149,7 +161,7 @@ class Proxy:
 
     def _json(self, request: web.Request, obj: Any) -> web.Response:
         return web.Response(body=orjson.dumps(obj), content_type="application/json",
-                            headers={"X-Request-ID": request[CTX].rid})  # type: ignore[index]
+                            headers={"X-Request-ID": request[CTX].rid})
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.config.limits.max_body
@@ -186,7 +198,7 @@ class Proxy:
         return payload
 
     async def _generate(self, request: web.Request, path: str, required: str) -> web.StreamResponse:
-        ctx: Ctx = request[CTX]  # type: ignore[index]
+        ctx: Ctx = request[CTX]
         key = self._auth(request)
         body = await self._read_body(request)
         payload = self._parse(body, required)
@@ -320,7 +332,7 @@ class Proxy:
     def _replica_error(self, request: web.Request, status: int, data: bytes) -> web.Response:
         return web.Response(status=status, body=normalise_upstream_error(status, data),
                             content_type="application/json",
-                            headers={"X-Request-ID": request[CTX].rid})  # type: ignore[index]
+                            headers={"X-Request-ID": request[CTX].rid})
 
     def _response_headers(self, upstream: aiohttp.ClientResponse, rid: str) -> dict[str, str]:
         out = {"X-Request-ID": rid}
@@ -399,7 +411,8 @@ class Proxy:
         await resp.write_eof()
         return resp
 
-    async def _relay_bytes(self, request: web.Request, ctx: Ctx, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _relay_bytes(self, request: web.Request, ctx: Ctx,
+                           upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         """Audio and other non-SSE bodies: committed at the replica's headers, streamed through."""
         resp = web.StreamResponse(status=upstream.status, headers=self._response_headers(upstream, ctx.rid))
         await resp.prepare(request)

@@ -85,7 +85,7 @@ class Sim:
 
     def _delay(self, which: str) -> float:
         v = getattr(self.faults, which)
-        return (v if v is not None else getattr(self.opts, which)) / 1000.0
+        return float(v if v is not None else getattr(self.opts, which)) / 1000.0
 
     async def _read_request(self, request: web.Request) -> tuple[dict[str, Any] | None, web.Response | None]:
         self.stats.requests += 1

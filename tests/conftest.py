@@ -1,0 +1,160 @@
+"""Fixtures: real `teraproxy sim` replicas and a real proxy, on loopback sockets.
+
+In-process servers (same event loop as the test) are used where a test needs to steer a
+replica's faults or read its counters directly; CLI tests start real subprocesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from teraproxy.app import start_servers
+from teraproxy.config import Config, parse_config
+from teraproxy.sim import Faults, Sim, SimOptions, start_sim
+
+MODEL = "Qwen/Qwen3-8B"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Replica:
+    def __init__(self, runner: web.AppRunner, sim: Sim, port: int) -> None:
+        self.runner = runner
+        self.sim = sim
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+    @property
+    def faults(self) -> Faults:
+        return self.sim.faults
+
+    @property
+    def stats(self) -> Any:
+        return self.sim.stats
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+class Cluster:
+    """Sims and proxies started by one test; all stopped at its end."""
+
+    def __init__(self) -> None:
+        self.replicas: list[Replica] = []
+        self.runners: list[web.AppRunner] = []
+
+    async def replica(self, model: str = MODEL, port: int | None = None, **opts: Any) -> Replica:
+        port = port or free_port()
+        runner, sim = await start_sim("127.0.0.1", port, SimOptions(model=model, **opts))
+        r = Replica(runner, sim, port)
+        self.replicas.append(r)
+        return r
+
+    async def proxy(self, replicas: list[Replica] | None = None, **over: Any) -> Proxy:
+        raw: dict[str, Any] = {
+            "listen": f"127.0.0.1:{free_port()}",
+            "admin_listen": f"127.0.0.1:{free_port()}",
+            "auth": "off",
+            "health": {"enabled": False},
+            "models": [{"id": MODEL, "replicas": [{"url": r.url} for r in replicas or []]}],
+        }
+        raw.update(over)
+        config = parse_config(raw)
+        app, runners = await start_servers(config)
+        self.runners[:0] = list(reversed(runners))
+        return Proxy(config, app)
+
+    async def close(self) -> None:
+        for runner in self.runners:
+            await runner.cleanup()
+        for r in self.replicas:
+            await r.stop()
+
+
+class Proxy:
+    def __init__(self, config: Config, app: web.Application) -> None:
+        self.config = config
+        self.app = app
+        self.base = f"http://{config.listen}"
+        self.v1 = f"{self.base}/v1"
+        self.admin = f"http://{config.admin_listen}" if config.admin_listen else None
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    c = Cluster()
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+@asynccontextmanager
+async def openai_client(proxy: Proxy, key: str = "sk-test", **kw: Any) -> AsyncIterator[Any]:
+    from openai import AsyncOpenAI
+
+    async with AsyncOpenAI(base_url=proxy.v1, api_key=key, max_retries=0, **kw) as client:
+        yield client
+
+
+async def wait_for(pred: Any, timeout: float = 5.0, step: float = 0.02) -> float:
+    """Poll until pred() is true; returns the seconds it took. Fails the test on timeout."""
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(step)
+    return time.monotonic() - t0
+
+
+# -- subprocess helpers -------------------------------------------------------------------------
+def run_cli(*args: str, timeout: float = 30, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "teraproxy", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, **kw)
+
+
+def write_config(path: Path, raw: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Subprocesses a test starts; terminated (by their own pid) at its end."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for f in (p.stdout, p.stderr):
+            if f is not None:
+                f.close()

@@ -180,7 +180,8 @@ async def _bind(runner: web.AppRunner, host: str, port: int, key: str) -> None:
     try:
         await web.TCPSite(runner, host, port, backlog=4096).start()
     except OSError as e:
-        raise OSError(e.errno, f"{key}: cannot listen on {host}:{port}: {e.strerror or e}") from None
+        why = os.strerror(e.errno).lower() if e.errno else str(e)
+        raise OSError(e.errno, f"{key}: cannot listen on {host}:{port}: {why}") from None
 
 
 def app_factory() -> web.Application:

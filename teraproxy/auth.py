@@ -17,7 +17,7 @@ _DUMMY = b"\x00" * 32
 
 
 class KeyTable:
-    __slots__ = ("enabled", "_by_digest")
+    __slots__ = ("_by_digest", "enabled")
 
     def __init__(self, auth: AuthConfig) -> None:
         self.enabled = auth.enabled

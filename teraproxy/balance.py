@@ -51,7 +51,7 @@ class RetryBudget:
     """At most ``ratio`` of the requests in the last ``window`` seconds may be retries
     (never fewer than ``floor`` retries per window, so a quiet proxy still retries)."""
 
-    __slots__ = ("ratio", "window", "floor", "clock", "_reqs", "_retries")
+    __slots__ = ("_reqs", "_retries", "clock", "floor", "ratio", "window")
 
     def __init__(self, ratio: float, window: float, clock: Callable[[], float], floor: int = 3) -> None:
         self.ratio = ratio

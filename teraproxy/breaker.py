@@ -14,8 +14,17 @@ CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
 
 class Breaker:
-    __slots__ = ("failures", "open_s", "max_open_s", "clock", "_fails", "_opened_at", "_open_for",
-                 "_probing", "trips")
+    __slots__ = (
+        "_fails",
+        "_open_for",
+        "_opened_at",
+        "_probing",
+        "clock",
+        "failures",
+        "max_open_s",
+        "open_s",
+        "trips",
+    )
 
     def __init__(self, failures: int, open_s: float, max_open_s: float, clock: Callable[[], float]) -> None:
         self.failures = failures

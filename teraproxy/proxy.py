@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 import uuid
@@ -278,7 +279,7 @@ class Proxy:
             if last.error is not None:
                 raise last.error
             return self._replica_error(request, last.status, last.body)
-        wait = max(1, round(pool.retry_in() + 0.5)) if pool.retry_in() > 0 else 1
+        wait = max(1, math.ceil(pool.retry_in(self.config.health.interval)))
         raise NoHealthyReplica(f"No healthy replica is available for model '{pool.id}'.",
                                headers={"Retry-After": str(wait)})
 

@@ -15,9 +15,25 @@ from teraproxy.config import Config, ModelConfig, ReplicaConfig
 
 
 class Replica:
-    __slots__ = ("cfg", "url", "model_id", "weight", "in_flight", "up", "reason", "breaker", "clock",
-                 "up_since", "slow_start", "last_check", "latency", "requests", "failures",
-                 "auth_header", "warm")
+    __slots__ = (
+        "auth_header",
+        "breaker",
+        "cfg",
+        "clock",
+        "failures",
+        "in_flight",
+        "last_check",
+        "latency",
+        "model_id",
+        "reason",
+        "requests",
+        "slow_start",
+        "up",
+        "up_since",
+        "url",
+        "warm",
+        "weight",
+    )
 
     def __init__(self, cfg: ReplicaConfig, model_id: str, config: Config, clock: Callable[[], float]) -> None:
         self.cfg = cfg
@@ -76,7 +92,7 @@ class Replica:
 
 
 class ModelPool:
-    __slots__ = ("cfg", "id", "replicas", "emit", "reasoning_in", "affinity")
+    __slots__ = ("affinity", "cfg", "emit", "id", "reasoning_in", "replicas")
 
     def __init__(self, cfg: ModelConfig, config: Config, clock: Callable[[], float]) -> None:
         self.cfg = cfg
@@ -86,10 +102,10 @@ class ModelPool:
         self.reasoning_in = cfg.reasoning_in
         self.affinity = cfg.policy == "affinity"
 
-    def retry_in(self) -> float:
-        """Seconds until the soonest replica of this pool may be tried (for Retry-After)."""
-        waits = [r.retry_in() for r in self.replicas if r.up]
-        return min(waits) if waits else 0.0
+    def retry_in(self, check_interval: float) -> float:
+        """Seconds until the soonest replica of this pool may be tried (for Retry-After): its breaker's
+        remaining open time, or for a replica that is down, the next health check."""
+        return min(r.retry_in() if r.up else check_interval for r in self.replicas)
 
 
 def build_table(config: Config, clock: Callable[[], float] = time.monotonic) -> dict[str, ModelPool]:

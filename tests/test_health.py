@@ -198,7 +198,7 @@ async def test_admin_upstreams_and_status_cli(cluster: Cluster, http: aiohttp.Cl
     a, b = await cluster.replica(), await cluster.replica()
     b.faults.health_status = 500
     p = await cluster.proxy([a, b], health=FAST_HEALTH)
-    await wait_for(lambda: replicas(p)[0].up, 3)
+    await wait_for(lambda: replicas(p)[0].up and replicas(p)[1].last_check is not None, 3)
     async with http.get(f"{p.admin}/admin/upstreams") as resp:
         doc = await resp.json()
     reps = doc["models"][0]["replicas"]

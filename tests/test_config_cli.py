@@ -177,3 +177,11 @@ def test_modules_import_alone() -> None:
                         "assert not any(k.startswith(('aiohttp', 'asyncio')) for k in sys.modules), 'io in sse'"],
                        capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert r.returncode == 0, r.stderr
+
+
+def test_shipped_configs_are_valid() -> None:
+    import os
+
+    for name in ("teraproxy.yaml", "demo.yaml"):
+        r = run_cli("check", "--config", str(ROOT / "conf" / name), env={**os.environ, "VLLM_KEY_B": "k"})
+        assert r.returncode == 0, (name, r.stderr)

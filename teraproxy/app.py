@@ -35,7 +35,7 @@ _SERVED = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/audio/s
 
 
 def _error_response(e: ProxyError, rid: str) -> web.Response:
-    headers = {"X-Request-ID": rid, **e.headers}
+    headers = {"Server": "teraproxy", "X-Request-ID": rid, **e.headers}
     if e.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return web.Response(status=e.status, body=e.body(), content_type="application/json", headers=headers)

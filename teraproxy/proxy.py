@@ -162,7 +162,7 @@ class Proxy:
 
     def _json(self, request: web.Request, obj: Any) -> web.Response:
         return web.Response(body=orjson.dumps(obj), content_type="application/json",
-                            headers={"X-Request-ID": request[CTX].rid})
+                            headers={"Server": "teraproxy", "X-Request-ID": request[CTX].rid})
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.config.limits.max_body
@@ -333,10 +333,10 @@ class Proxy:
     def _replica_error(self, request: web.Request, status: int, data: bytes) -> web.Response:
         return web.Response(status=status, body=normalise_upstream_error(status, data),
                             content_type="application/json",
-                            headers={"X-Request-ID": request[CTX].rid})
+                            headers={"Server": "teraproxy", "X-Request-ID": request[CTX].rid})
 
     def _response_headers(self, upstream: aiohttp.ClientResponse, rid: str) -> dict[str, str]:
-        out = {"X-Request-ID": rid}
+        out = {"Server": "teraproxy", "X-Request-ID": rid}
         for h in _KEEP_RESPONSE:
             v = upstream.headers.get(h)
             if v is not None:
@@ -375,7 +375,7 @@ class Proxy:
         except aiohttp.ClientError as e:
             raise _AttemptFailed(UpstreamError(f"Replica {replica.url} broke the stream: {_why(e)}")) from None
         headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-                   "X-Accel-Buffering": "no", "X-Request-ID": ctx.rid}
+                   "X-Accel-Buffering": "no", "Server": "teraproxy", "X-Request-ID": ctx.rid}
         resp = web.StreamResponse(status=200, headers=headers)
         await resp.prepare(request)  # the commit point
         ctx.ttfb = time.monotonic() - ctx.t0

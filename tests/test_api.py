@@ -136,6 +136,7 @@ async def test_headers_rules(cluster: Cluster, http: aiohttp.ClientSession) -> N
     async with http.post(f"{p.v1}/chat/completions", data=body, headers=headers) as resp:
         assert resp.status == 200, await resp.text()
         assert resp.headers["X-Request-ID"] == "req-abc-123"
+        assert resp.headers["Server"] == "teraproxy"  # no framework/version banner
         assert "Content-Encoding" not in resp.headers
         assert "replica-secret" not in str(resp.headers) and "replica-secret" not in await resp.text()
     up = {k.lower(): v for k, v in r.stats.last_headers.items()}

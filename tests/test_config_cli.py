@@ -185,3 +185,11 @@ def test_shipped_configs_are_valid() -> None:
     for name in ("teraproxy.yaml", "demo.yaml"):
         r = run_cli("check", "--config", str(ROOT / "conf" / name), env={**os.environ, "VLLM_KEY_B": "k"})
         assert r.returncode == 0, (name, r.stderr)
+
+
+def test_refuses_pure_python_http_parser(tmp_path: Path) -> None:
+    import os
+
+    cfg = write_config(tmp_path / "c.yaml", {**GOOD, "listen": f"127.0.0.1:{free_port()}"})
+    r = run_cli("serve", "--config", str(cfg), env={**os.environ, "AIOHTTP_NO_EXTENSIONS": "1"})
+    assert r.returncode == 2 and "pure-Python HTTP parser" in r.stderr and "Traceback" not in r.stderr

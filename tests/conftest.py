@@ -121,7 +121,7 @@ async def openai_client(proxy: Proxy, key: str = "sk-test", **kw: Any) -> AsyncI
         yield client
 
 
-async def wait_for(pred: Any, timeout: float = 5.0, step: float = 0.02) -> float:
+async def wait_for(pred: Any, timeout: float = 5.0, step: float = 0.02) -> float:  # noqa: ASYNC109
     """Poll until pred() is true; returns the seconds it took. Fails the test on timeout."""
     t0 = time.monotonic()
     while not pred():

@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 import aiohttp
@@ -231,9 +232,9 @@ async def test_affinity_by_session_header(cluster: Cluster, http: aiohttp.Client
 async def test_load_with_replica_killed(cluster: Cluster, http: aiohttp.ClientSession) -> None:
     """300 non-streamed requests at concurrency 12; one replica process is SIGKILLed mid-way."""
     ports = [free_port(), free_port()]
-    procs = [subprocess.Popen([sys.executable, "-m", "teraproxy", "sim", "--port", str(pt), "--tokens", "8",
-                               "--ttft", "5"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for pt in ports]
+    cmd = [sys.executable, "-m", "teraproxy", "sim", "--tokens", "8", "--ttft", "5", "--port"]
+    procs = [subprocess.Popen([*cmd, str(pt)], cwd=ROOT,  # noqa: ASYNC220
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for pt in ports]
     try:
         p = await cluster.proxy(models=[{"id": MODEL, "replicas": [{"url": f"http://127.0.0.1:{pt}"}
                                                                    for pt in ports]}],
@@ -259,5 +260,3 @@ async def test_load_with_replica_killed(cluster: Cluster, http: aiohttp.ClientSe
             proc.kill()
             proc.wait()
 
-
-from collections import Counter  # noqa: E402

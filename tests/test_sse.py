@@ -1,0 +1,755 @@
+"""Tests for teraproxy.sse (pure: no sockets, no event loop)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from teraproxy.sse import (
+    EMITS,
+    SSERelay,
+    add_request_reasoning,
+    needs_request_rewrite,
+    rewrite_message_body,
+)
+
+R, RC = "reasoning", "reasoning_content"
+REWRITE_EMITS = ("both", "reasoning", "reasoning_content")
+
+# --------------------------------------------------------------------------
+# reference SSE helpers (independent of the module under test)
+
+
+def split_frames(stream: bytes) -> tuple[list[bytes], bytes]:
+    """Complete frames and the incomplete tail; bytes.splitlines knows LF/CRLF/CR."""
+    frames: list[bytes] = []
+    cur = b""
+    for line in stream.splitlines(keepends=True):
+        cur += line
+        if line in (b"\n", b"\r", b"\r\n"):
+            frames.append(cur)
+            cur = b""
+    return frames, cur
+
+
+def data_value(line: bytes) -> bytes | None:
+    content = line.rstrip(b"\r\n")
+    if content == b"data":
+        return b""
+    if not content.startswith(b"data:"):
+        return None
+    value = content[5:]
+    return value[1:] if value.startswith(b" ") else value
+
+
+def frame_payload(frame: bytes) -> bytes | None:
+    values = [v for v in map(data_value, frame.splitlines(keepends=True)) if v is not None]
+    return b"\n".join(values) if values else None
+
+
+def frame_json(frame: bytes) -> Any:
+    payload = frame_payload(frame)
+    if payload is None or payload == b"[DONE]":
+        return None
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def is_event(frame: bytes) -> bool:
+    return frame not in (b"\n", b"\r", b"\r\n")
+
+
+def run(emit: str, pieces: Iterable[bytes]) -> tuple[bytes, SSERelay]:
+    relay = SSERelay(emit)
+    out = b"".join(relay.feed(p) for p in pieces)
+    return out + relay.flush(), relay
+
+
+def expected_fields(d: dict[str, Any], emit: str) -> dict[str, Any]:
+    """The rewrite rule, written out plainly, for one delta/message dict."""
+    has_r, has_rc = R in d, RC in d
+    if emit == "passthrough" or not (has_r or has_rc):
+        return d
+    if emit == "both":
+        if has_r and has_rc:
+            return d
+        src, dst = (R, RC) if has_r else (RC, R)
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out[k] = v
+            if k == src:
+                out[dst] = v
+        return out
+    other = RC if emit == R else R
+    if has_r and has_rc:
+        return {k: v for k, v in d.items() if k != other}
+    return {(emit if k == other else k): v for k, v in d.items()}
+
+
+def expected_obj(obj: Any, emit: str, field: str = "delta") -> Any:
+    if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
+        return obj
+    obj = dict(obj)
+    choices = []
+    for ch in obj["choices"]:
+        if isinstance(ch, dict) and isinstance(ch.get(field), dict):
+            ch = {**ch, field: expected_fields(ch[field], emit)}
+        choices.append(ch)
+    obj["choices"] = choices
+    return obj
+
+
+def expected_frame(frame: bytes, emit: str) -> bytes:
+    """What the relay must emit for one complete input frame."""
+    obj = frame_json(frame)
+    if obj is None or b'"reasoning' not in (frame_payload(frame) or b""):
+        return frame
+    new = expected_obj(obj, emit)
+    if orjson.dumps(new) == orjson.dumps(obj):
+        return frame  # no change needed: original bytes
+    out = b""
+    first = True
+    for line in frame.splitlines(keepends=True):
+        if data_value(line) is None:
+            out += line
+        elif first:
+            term = line[len(line.rstrip(b"\r\n")) :]
+            out += b"data: " + orjson.dumps(new) + term
+            first = False
+    return out
+
+
+# --------------------------------------------------------------------------
+# recorded-style streams
+
+
+def chunk(delta: dict[str, Any] | None = None, finish: str | None = None) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "Qwen/Qwen3-8B",
+        "choices": [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}],
+    }
+
+
+USAGE = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion.chunk",
+    "created": 1700000000,
+    "model": "Qwen/Qwen3-8B",
+    "choices": [],
+    "usage": {
+        "prompt_tokens": 12,
+        "completion_tokens": 9,
+        "total_tokens": 21,
+        "completion_tokens_details": {"reasoning_tokens": 5},
+    },
+}
+REASONING_TEXT = ["Let", " me", " think", " — é", " \"ok\""]
+CONTENT_TEXT = [" Hello", "!"]
+
+
+def sse(obj: Any, eol: bytes = b"\n", dumps: Callable[[Any], bytes] = orjson.dumps) -> bytes:
+    return b"data: " + dumps(obj) + eol + eol
+
+
+def done(eol: bytes = b"\n") -> bytes:
+    return b"data: [DONE]" + eol + eol
+
+
+def reasoning_stream(keys: tuple[str, ...], eol: bytes = b"\n", dumps: Callable[[Any], bytes] = orjson.dumps) -> bytes:
+    frames = [sse(chunk({"role": "assistant", "content": ""}), eol, dumps)]
+    frames += [sse(chunk({k: t for k in keys}), eol, dumps) for t in REASONING_TEXT]
+    frames += [sse(chunk({"content": t}), eol, dumps) for t in CONTENT_TEXT]
+    frames += [sse(chunk({}, "stop"), eol, dumps), sse(USAGE, eol, dumps), done(eol)]
+    return b"".join(frames)
+
+
+def ascii_dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def tool_stream() -> bytes:
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": ""}}
+    frames = [sse(chunk({"role": "assistant", "content": ""}))]
+    frames += [sse(chunk({RC: t})) for t in REASONING_TEXT]
+    frames.append(sse(chunk({"tool_calls": [call]})))
+    for frag in ['{"mode": ', '"reasoning"', ', "q": "é"}']:  # needle inside a string
+        frames.append(sse(chunk({"tool_calls": [{"index": 0, "function": {"arguments": frag}}]})))
+    frames += [sse(chunk({}, "tool_calls")), sse(USAGE), done()]
+    return b"".join(frames)
+
+
+def multiline_stream() -> bytes:
+    out = sse(chunk({"role": "assistant", "content": ""}))
+    for t in REASONING_TEXT:
+        text = json.dumps(chunk({RC: t}), indent=1, ensure_ascii=False)
+        out += b"".join(b"data:" + line.encode() + b"\n" for line in text.split("\n")) + b"\n"
+    for t in CONTENT_TEXT:
+        out += sse(chunk({"content": t}))
+    return out + done()
+
+
+def comment_event_stream() -> bytes:
+    out = b": keep-alive\n\n"
+    out += b"event: message\nid: 0\nretry: 3000\n" + sse(chunk({"role": "assistant", "content": ""}))
+    for i, t in enumerate(REASONING_TEXT):
+        out += b": tick\n" + f"event: message\nid: {i + 1}\n".encode() + sse(chunk({R: t}))
+        out += b": keep-alive\n\n"
+    for t in CONTENT_TEXT:
+        out += b"event: message\n" + sse(chunk({"content": t}))
+    return out + b"event: message\n" + done()
+
+
+def error_stream() -> bytes:
+    err = {"error": {"message": 'bad "reasoning" budget', "type": "BadRequestError", "code": 400}}
+    return sse(chunk({"role": "assistant", "content": ""})) + sse(chunk({RC: "Let"})) + sse(err) + done()
+
+
+STREAMS: dict[str, bytes] = {
+    "qwen3": reasoning_stream((RC,)),
+    "gptoss": reasoning_stream((R,)),
+    "transition": reasoning_stream((RC, R)),
+    "tools": tool_stream(),
+    "crlf": reasoning_stream((RC,), b"\r\n"),
+    "cr": reasoning_stream((R,), b"\r"),
+    "escaped": reasoning_stream((RC,), dumps=ascii_dumps),
+    "multiline": multiline_stream(),
+    "comments_events": comment_event_stream(),
+    "error": error_stream(),
+}
+# name -> the reasoning key(s) the replica sent
+REASONING_STREAMS = {
+    "qwen3": {RC},
+    "gptoss": {R},
+    "transition": {R, RC},
+    "tools": {RC},
+    "crlf": {RC},
+    "cr": {R},
+    "escaped": {RC},
+    "multiline": {RC},
+    "comments_events": {R},
+}
+MODE_KEYS = {"both": {R, RC}, "reasoning": {R}, "reasoning_content": {RC}}
+
+
+def test_stream_fixtures_are_well_formed() -> None:
+    for name, stream in STREAMS.items():
+        frames, tail = split_frames(stream)
+        assert tail == b"", name
+        assert b"".join(frames) == stream
+        assert b"data: [DONE]" in frames[-1]
+    assert b"\\u00e9" in STREAMS["escaped"]
+    assert b"\r" not in STREAMS["qwen3"] and b"\n" not in STREAMS["cr"]
+
+
+@pytest.mark.parametrize("emit", EMITS)
+@pytest.mark.parametrize("name", sorted(REASONING_STREAMS))
+def test_recorded_stream_keys_and_text(name: str, emit: str) -> None:
+    stream = STREAMS[name]
+    out, relay = run(emit, [stream])
+    if emit == "passthrough":
+        assert out == stream
+        return
+    in_frames, _ = split_frames(stream)
+    out_frames, tail = split_frames(out)
+    assert tail == b"" and len(out_frames) == len(in_frames)
+    assert relay.events == sum(map(is_event, in_frames))
+    texts: dict[str, list[str]] = {R: [], RC: []}
+    content: list[str] = []
+    n_reasoning = 0
+    for frame in out_frames:
+        obj = frame_json(frame)
+        if not obj or not obj.get("choices"):
+            continue
+        delta = obj["choices"][0]["delta"]
+        keys = {R, RC} & delta.keys()
+        if keys:
+            n_reasoning += 1
+            assert keys == MODE_KEYS[emit], (frame, emit)
+            for k in keys:
+                texts[k].append(delta[k])
+            assert "content" not in delta or delta["content"] == ""
+        content.append(delta.get("content") or "")
+    assert n_reasoning == len(REASONING_TEXT)
+    for k in MODE_KEYS[emit]:
+        assert texts[k] == REASONING_TEXT
+    assert "".join(content) == ("" if name == "tools" else "".join(CONTENT_TEXT))
+    changed = not (emit == "both" and REASONING_STREAMS[name] == {R, RC})
+    changed = changed and not (emit != "both" and REASONING_STREAMS[name] == {emit})
+    assert relay.rewritten == (len(REASONING_TEXT) if changed else 0)
+    assert relay.bad_frames == 0
+
+
+@pytest.mark.parametrize("emit", EMITS)
+@pytest.mark.parametrize("name", sorted(STREAMS))
+def test_recorded_stream_frames_exact(name: str, emit: str) -> None:
+    stream = STREAMS[name]
+    out, _ = run(emit, [stream])
+    in_frames, _ = split_frames(stream)
+    if emit == "passthrough":
+        assert out == stream
+    else:
+        assert out == b"".join(expected_frame(f, emit) for f in in_frames)
+
+
+def test_crlf_and_cr_rewrites_keep_line_endings() -> None:
+    out, _ = run("both", [STREAMS["crlf"]])
+    assert b"\n\n" not in out and out.count(b"\r\n\r\n") == STREAMS["crlf"].count(b"\r\n\r\n")
+    out, _ = run("reasoning_content", [STREAMS["cr"]])
+    assert b"\n" not in out and b'"reasoning_content":"Let"}' in out and b'"reasoning"' not in out
+
+
+def test_multiline_and_other_lines_collapse_to_one_data_line() -> None:
+    frame = b'event: delta\r\ndata: {"choices":[{"delta":\r\n: note\r\ndata:{"reasoning":"hi"}}]}\r\nid: 5\r\n\r\n'
+    out, relay = run("both", [frame])
+    expected = (
+        b"event: delta\r\n"
+        b'data: {"choices":[{"delta":{"reasoning":"hi","reasoning_content":"hi"}}]}\r\n'
+        b": note\r\nid: 5\r\n\r\n"
+    )
+    assert out == expected and relay.rewritten == 1 and relay.events == 1
+
+
+def test_error_usage_done_and_needle_in_strings_pass_unchanged() -> None:
+    for name in ("error", "tools"):
+        for emit in REWRITE_EMITS:
+            out, _ = run(emit, [STREAMS[name]])
+            in_frames, _ = split_frames(STREAMS[name])
+            out_frames, _ = split_frames(out)
+            for a, b in zip(in_frames, out_frames, strict=True):
+                obj = frame_json(a)
+                if not (obj and obj.get("choices") and {R, RC} & obj["choices"][0]["delta"].keys()):
+                    assert a == b
+    usage = sse(USAGE)
+    relay = SSERelay("both")
+    assert relay.feed(usage) is usage and relay.rewritten == 0 and relay.bad_frames == 0
+
+
+def test_key_order_alias_inserted_after_existing_key() -> None:
+    frame = sse(chunk({"role": "assistant", RC: "x", "content": ""}))
+    cases = {
+        "both": ["role", RC, R, "content"],
+        "reasoning": ["role", R, "content"],
+        "reasoning_content": ["role", RC, "content"],
+    }
+    for emit, keys in cases.items():
+        out, _ = run(emit, [frame])
+        delta = frame_json(out)["choices"][0]["delta"]
+        assert list(delta) == keys
+        assert delta[keys[1]] == "x"
+    out, _ = run("both", [sse(chunk({R: None, "content": "hi"}))])
+    assert list(frame_json(out)["choices"][0]["delta"].items()) == [(R, None), (RC, None), ("content", "hi")]
+
+
+def test_both_keys_present_are_kept_even_if_different() -> None:
+    frame = b'data: {"choices": [{"delta": {"reasoning_content": "a", "reasoning": "b"}}]}\n\n'
+    relay = SSERelay("both")
+    assert relay.feed(frame) is frame and relay.rewritten == 0
+    out, _ = run("reasoning", [frame])
+    assert frame_json(out)["choices"][0]["delta"] == {R: "b"}
+    out, _ = run("reasoning_content", [frame])
+    assert frame_json(out)["choices"][0]["delta"] == {RC: "a"}
+
+
+def test_multiple_choices() -> None:
+    obj = chunk({RC: "a"})
+    obj["choices"].append({"index": 1, "delta": {"content": "x"}, "logprobs": None, "finish_reason": None})
+    obj["choices"].append({"index": 2, "delta": {R: "c"}, "logprobs": None, "finish_reason": None})
+    out, relay = run("both", [sse(obj)])
+    deltas = [c["delta"] for c in frame_json(out)["choices"]]
+    assert deltas == [{RC: "a", R: "a"}, {"content": "x"}, {R: "c", RC: "c"}]
+    assert relay.rewritten == 1
+
+
+# --------------------------------------------------------------------------
+# splitting
+
+
+@pytest.mark.parametrize("emit", EMITS)
+@pytest.mark.parametrize("name", sorted(STREAMS))
+def test_every_split_offset(name: str, emit: str) -> None:
+    stream = STREAMS[name]
+    whole, _ = run(emit, [stream])
+    for i in range(len(stream) + 1):
+        out, _ = run(emit, [stream[:i], stream[i:]])
+        assert out == whole, i
+    out, relay = run(emit, [stream[i : i + 1] for i in range(len(stream))])
+    assert out == whole
+    if emit != "passthrough":
+        assert relay.events == sum(map(is_event, split_frames(stream)[0]))
+
+
+@pytest.mark.parametrize("name", ["gptoss", "crlf", "cr", "comments_events"])
+def test_feed_returns_complete_frames_and_holds_at_most_one(name: str) -> None:
+    # Using passthrough-equivalent content (no rewrite), the output after every
+    # byte must be exactly the input's decided complete frames.
+    stream = STREAMS[name]
+    relay = SSERelay("reasoning" if name != "crlf" else "reasoning_content")
+    out = b""
+    for i in range(len(stream)):
+        out += relay.feed(stream[i : i + 1])
+        seen = stream[: i + 1]
+        decided = seen[:-1] if seen.endswith(b"\r") else seen  # a trailing CR is undecided
+        frames, _ = split_frames(decided)
+        assert out == b"".join(frames), i
+    # A frame ending in a CR blank line is only decided at EOF.
+    assert relay.flush() == (split_frames(stream)[0][-1] if stream.endswith(b"\r") else b"")
+
+
+def test_split_inside_needle_and_crlf() -> None:
+    frame = b'data: {"choices":[{"delta":{"reasoning_content":"x"}}]}\r\n\r\n'
+    whole, _ = run("both", [frame])
+    i = frame.index(b"reasoning") + 4
+    relay = SSERelay("both")
+    assert relay.feed(frame[:i]) == b""
+    assert relay.feed(frame[i:-1]) == b""  # ends in CR: undecided
+    assert relay.feed(frame[-1:]) == whole
+
+
+def test_trailing_cr_is_held_until_next_byte() -> None:
+    relay = SSERelay("both")
+    assert relay.feed(b"data: 1\r\r") == b""
+    assert relay.feed(b"\ndata: 2") == b"data: 1\r\r\n"
+    assert relay.feed(b"\r\r") == b""
+    assert relay.feed(b"x") == b"data: 2\r\r"
+    assert relay.flush() == b"x"
+    assert relay.events == 2
+
+
+def test_flush_returns_incomplete_tail_unchanged_and_completes_cr_frame() -> None:
+    tail = b'data: {"choices":[{"delta":{"reasoning":"x"}}]}\n'
+    relay = SSERelay("both")
+    assert relay.feed(tail) == b""
+    assert relay.flush() == tail and relay.events == 0
+    assert relay.flush() == b""
+    # A CR blank line at EOF does end the frame.
+    relay = SSERelay("both")
+    assert relay.feed(b'data: {"choices":[{"delta":{"reasoning":"x"}}]}\r\r') == b""
+    assert relay.flush() == b'data: {"choices":[{"delta":{"reasoning":"x","reasoning_content":"x"}}]}\r\r'
+    assert relay.events == 1 and relay.rewritten == 1
+
+
+def test_blank_lines_are_empty_frames_not_events() -> None:
+    stream = b"\n\ndata: 1\n\n\n\n: c\r\n\r\n\r\r"
+    for pieces in ([stream], [stream[i : i + 1] for i in range(len(stream))]):
+        out, relay = run("both", pieces)
+        assert out == stream and relay.events == 2
+
+
+@pytest.mark.parametrize("emit", EMITS)
+def test_nothing_is_returned_before_the_first_event(emit: str) -> None:
+    # The proxy commits the response at the first non-empty feed() result.
+    relay = SSERelay(emit)
+    assert relay.feed(b"\n") == b""
+    assert relay.feed(b"\r\n\r") == b""
+    assert relay.events == 0
+    first = sse(chunk({"content": "x"}))
+    assert relay.feed(first) == b"\n\r\n\r" + first
+    assert relay.events == 1
+    assert relay.feed(b"\n") == b"\n"  # after the first event, blank lines flow on
+
+
+# --------------------------------------------------------------------------
+# fast path, passthrough, bad frames, large frames
+
+
+def test_fast_path_returns_same_object() -> None:
+    relay = SSERelay("both")
+    frames = [sse(chunk({"content": t})) for t in ["a", "b", "c"]]
+    for f in frames:
+        assert relay.feed(f) is f
+    many = b"".join(frames * 20) + done()
+    assert relay.feed(many) is many
+    assert relay.events == 3 + 61 and relay.rewritten == 0
+    crlf = sse(chunk({"content": "x"}), b"\r\n") * 3
+    assert relay.feed(crlf) is crlf  # general path, still no copy
+    assert relay.events == 67
+    # Complete frames plus a partial one: the complete part now, the tail later.
+    part = frames[0] + frames[1][:50]
+    assert relay.feed(part) == frames[0]
+    assert relay.feed(frames[1][50:]) == frames[1]
+    assert relay.events == 69
+
+
+def test_no_needle_frames_are_never_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bytes] = []
+    real = orjson.loads
+
+    def counting(data: Any) -> Any:
+        calls.append(bytes(data))
+        return real(data)
+
+    monkeypatch.setattr(orjson, "loads", counting)
+    stream = b"".join(sse(chunk({"content": t}), eol) for t in "abcdef" for eol in (b"\n", b"\r\n", b"\r"))
+    stream += sse(chunk({RC: "r"})) + done()
+    for pieces in ([stream], [stream[i : i + 7] for i in range(0, len(stream), 7)]):
+        calls.clear()
+        run("both", pieces)
+        assert len(calls) == 1 and b'"reasoning_content"' in calls[0]
+
+
+def test_passthrough_holds_until_first_event_then_same_object() -> None:
+    first = sse(chunk({"role": "assistant", "content": ""}))
+    relay = SSERelay("passthrough")
+    assert relay.feed(b"\n") == b""  # a blank line is no event
+    assert relay.feed(first[:10]) == b""
+    assert relay.events == 0
+    rest = first[10:] + b'data: {"choices":[{"delta":{"reasoning_content":"x"'
+    assert relay.feed(rest) == b"\n" + first + rest[len(first) - 10 :]
+    assert relay.events == 1
+    tail = b"}}]}\n\n"
+    assert relay.feed(tail) is tail
+    assert relay.flush() == b"" and relay.rewritten == 0
+    relay = SSERelay("passthrough")
+    assert relay.feed(first) is first
+
+
+def test_invalid_json_with_needle_passes_unchanged() -> None:
+    bad = b'data: {"choices":[{"delta":{"reasoning":"x"}]\n\n'
+    good = sse(chunk({RC: "y"}))
+    for emit in REWRITE_EMITS:
+        for pieces in ([bad], [bad + good], [bad[:20], bad[20:] + good[:5], good[5:]]):
+            out, relay = run(emit, pieces)
+            assert out.startswith(bad)
+            assert relay.bad_frames == 1
+    relay = SSERelay("both")
+    assert relay.feed(b"data: not json\n\n") == b"data: not json\n\n" and relay.bad_frames == 0
+    nested = b'data: {"choices":[{"delta":{"reasoning":"x","d":' + b"[" * 300 + b"]" * 300 + b"}}]}\n\n"
+    assert relay.feed(nested) == nested and relay.bad_frames == 1  # orjson.dumps depth limit
+
+
+def test_large_frame_split_in_4k_chunks() -> None:
+    text = ("思考 step é \\ \" " * 20000)[: 200 * 1024]
+    frame = sse(chunk({R: text}))
+    assert len(frame) > 200 * 1024
+    for emit in REWRITE_EMITS:
+        relay = SSERelay(emit)
+        outs = [relay.feed(frame[i : i + 4096]) for i in range(0, len(frame), 4096)]
+        assert all(o == b"" for o in outs[:-1])
+        out = outs[-1] + relay.flush()
+        assert set(frame_json(out)["choices"][0]["delta"].items()) == {(k, text) for k in MODE_KEYS[emit]}
+        assert relay.events == 1
+
+
+def test_bad_emit_raises() -> None:
+    with pytest.raises(ValueError):
+        SSERelay("reasoning-content")
+    with pytest.raises(ValueError):
+        rewrite_message_body(b"{}", "none")
+
+
+# --------------------------------------------------------------------------
+# non-streamed bodies and requests
+
+
+def completion(message: dict[str, Any]) -> bytes:
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-2",
+            "object": "chat.completion",
+            "created": 1700000000,
+            "model": "Qwen/Qwen3-8B",
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+        }
+    )
+
+
+@pytest.mark.parametrize("src", [R, RC])
+def test_rewrite_message_body_modes(src: str) -> None:
+    body = completion({"role": "assistant", "content": "hi", src: "why é", "tool_calls": []})
+    for emit in REWRITE_EMITS:
+        out = rewrite_message_body(body, emit)
+        msg = orjson.loads(out)["choices"][0]["message"]
+        keys = sorted(MODE_KEYS[emit])
+        assert sorted({R, RC} & msg.keys()) == keys
+        assert all(msg[k] == "why é" for k in keys)
+        assert orjson.loads(out) == expected_obj(orjson.loads(body), emit, "message")
+        assert list(msg)[:3] == ["role", "content", src if emit == "both" else emit]
+        if emit == src:
+            assert out is body
+        else:
+            assert out is not body
+    assert rewrite_message_body(body, "passthrough") is body
+
+
+def test_rewrite_message_body_identity_cases() -> None:
+    both = completion({"role": "assistant", "content": "x", RC: "a", R: "a"})
+    plain = completion({"role": "assistant", "content": 'a "reasoning" b'})
+    for body in (both, plain, b"not json {\"reasoning", b'["reasoning"]', b"", b'{"choices":"reasoning"}'):
+        assert rewrite_message_body(body, "both") is body
+    assert rewrite_message_body(plain, "reasoning") is plain
+    assert rewrite_message_body(both, "reasoning") != both
+
+
+def test_add_request_reasoning() -> None:
+    payload: dict[str, Any] = {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": "q", RC: "not assistant"},
+            {"role": "assistant", "content": "a", RC: "because"},
+            {"role": "assistant", "content": "b", RC: "x", R: "kept"},
+            {"role": "assistant", "content": "c", RC: None},
+            "not a dict",
+            {"role": "assistant", "content": "d"},
+        ],
+    }
+    assert add_request_reasoning(payload) is True
+    msgs = payload["messages"]
+    assert msgs[1] == {"role": "assistant", "content": "a", RC: "because", R: "because"}
+    assert R not in msgs[0] and msgs[2][R] == "kept" and R not in msgs[3] and R not in msgs[5]
+    assert add_request_reasoning(payload) is False  # idempotent
+    bads: list[dict[str, Any]] = [{}, {"messages": None}, {"messages": "x"}, {"messages": [1, None, []]}]
+    for bad in bads:
+        assert add_request_reasoning(bad) is False
+
+
+def test_needs_request_rewrite() -> None:
+    assert needs_request_rewrite(b'{"messages":[{"role":"assistant","reasoning_content":"x"}]}')
+    assert not needs_request_rewrite(b'{"messages":[{"role":"assistant","reasoning":"x"}]}')
+    assert not needs_request_rewrite(b"")
+
+
+# --------------------------------------------------------------------------
+# property test
+
+TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=8)
+LINE_TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\r\n"), max_size=6)
+EOLS = (b"\n", b"\r\n", b"\r")
+
+
+@st.composite
+def reasoning_delta(draw: st.DrawFn) -> dict[str, Any]:
+    value = draw(st.one_of(st.none(), TEXT))
+    which = draw(st.sampled_from([(R,), (RC,), (R, RC), (RC, R)]))
+    items = [(k, value) for k in which]
+    if len(which) == 2 and draw(st.booleans()):
+        items[1] = (items[1][0], draw(TEXT))  # both keys, different values
+    items += draw(st.lists(st.sampled_from([("role", "assistant"), ("content", "")]), unique=True))
+    return dict(draw(st.permutations(items)))
+
+
+@st.composite
+def frame_lines(draw: st.DrawFn) -> tuple[list[bytes], str]:
+    """One frame's lines (without terminators, without the blank line) and its kind."""
+    kind = draw(
+        st.sampled_from(
+            ["content", "reasoning", "reasoning", "choices", "tool", "needle_text", "usage", "error",
+             "bad", "done", "comment", "empty"]
+        )
+    )
+    if kind == "empty":
+        return [], kind
+    if kind == "comment":
+        return [b":" + draw(LINE_TEXT).encode()], kind
+    if kind == "done":
+        return [b"data: [DONE]"], kind
+    if kind == "bad":
+        return [b'data: {"choices":[{"delta":{"reasoning":"' + draw(LINE_TEXT).encode()], kind
+    obj: Any
+    if kind == "content":
+        obj = chunk({"content": draw(TEXT)})
+    elif kind == "reasoning":
+        obj = chunk(draw(reasoning_delta()))
+    elif kind == "choices":
+        obj = chunk(draw(reasoning_delta()))
+        obj["choices"].insert(0, {"index": 1, "delta": {"content": draw(TEXT)}})
+    elif kind == "tool":
+        obj = chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"reasoning": ' + draw(TEXT)}}]})
+    elif kind == "needle_text":
+        obj = chunk({"content": 'say "reasoning' + draw(TEXT)})
+    elif kind == "usage":
+        obj = USAGE
+    else:
+        obj = {"error": {"message": '"reasoning" ' + draw(TEXT), "code": 500}}
+    style = draw(st.sampled_from(["orjson", "ascii", "spaced", "indent"]))
+    if style == "orjson":
+        payload = orjson.dumps(obj).decode()
+    else:
+        payload = json.dumps(
+            obj, ensure_ascii=style != "spaced", indent=1 if style == "indent" else None,
+            separators=(",", ":") if style == "ascii" else None,
+        )
+    lines = [draw(st.sampled_from([b"data:", b"data: "])) + p.encode() for p in payload.split("\n")]
+    extras = draw(st.lists(st.sampled_from([b": keep-alive", b"event: message", b"id: 7", b"retry: 100"]), max_size=2))
+    for extra in extras:
+        lines.insert(draw(st.integers(0, len(lines))), extra)
+    return lines, kind
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> tuple[bytes, list[bytes], bytes]:
+    """(stream, its complete frames, incomplete tail)."""
+    frames: list[bytes] = []
+    prev_eol = b""
+    for lines, _kind in draw(st.lists(frame_lines(), max_size=8)):
+        frame = b""
+        for line in [*lines, b""]:
+            eol = draw(st.sampled_from(EOLS))
+            if line == b"" and eol == b"\n" and prev_eol == b"\r":
+                eol = b"\r\n"  # CR then LF would be one CRLF: keep the blank line
+            frame += line + eol
+            prev_eol = eol
+        frames.append(frame)
+    tail = b""
+    if draw(st.booleans()):
+        tail = b'data: {"choices":[{"delta":{"reasoning":"' + draw(LINE_TEXT).encode()
+        if draw(st.booleans()):
+            tail = b": c" + draw(st.sampled_from(EOLS)) + tail
+    return b"".join(frames) + tail, frames, tail
+
+
+@settings(deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(streams(), st.sampled_from(EMITS), st.data())
+def test_property_chunking_and_byte_identity(
+    generated: tuple[bytes, list[bytes], bytes], emit: str, data: st.DataObject
+) -> None:
+    stream, frames, tail = generated
+    assert split_frames(stream) == (frames, tail)  # the generator's framing is the real one
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+
+    whole, relay_whole = run(emit, [stream])
+    chunked, relay = run(emit, pieces)
+    assert chunked == whole  # (1) split invariance
+    if emit == "passthrough":
+        assert whole == stream  # (3)
+        return
+    # (2) frames without a reasoning key (and no-op frames) are byte-identical;
+    # rewritten frames are exactly orjson.dumps of the rewritten object.
+    assert whole == b"".join(expected_frame(f, emit) for f in frames) + tail
+    assert relay.events == relay_whole.events == sum(map(is_event, frames))
+    assert relay.rewritten == relay_whole.rewritten
+    assert relay.rewritten == sum(expected_frame(f, emit) != f for f in frames)
+    assert relay.bad_frames == sum(b'"reasoning' in f and frame_json(f) is None for f in frames)
+
+
+TOKENS = [b"\r", b"\n", b"\r\n", b"data:", b"data: ", b": c", b"event: x", b"x", b'"reasoning', b"[DONE]",
+          b'{"choices":[{"delta":{"reasoning_content":"a"}}]}', b'{"choices":[{"delta":{"reasoning":null}}]}']
+
+
+@settings(deadline=None, max_examples=200)
+@given(st.lists(st.sampled_from(TOKENS), max_size=40), st.sampled_from(EMITS), st.data())
+def test_property_arbitrary_bytes(tokens: list[bytes], emit: str, data: st.DataObject) -> None:
+    stream = b"".join(tokens)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    whole, relay_whole = run(emit, [stream])
+    chunked, relay = run(emit, pieces)
+    assert chunked == whole
+    frames, tail = split_frames(stream)
+    if emit == "passthrough" or b'"reasoning' not in stream:
+        assert whole == stream
+    else:
+        assert whole == b"".join(expected_frame(f, emit) for f in frames) + tail
+        assert relay.events == relay_whole.events == sum(map(is_event, frames))

@@ -19,6 +19,7 @@ import orjson
 from aiohttp import web
 
 from teraproxy.auth import KeyTable
+from teraproxy.client import Client
 from teraproxy.config import Config, load_config
 from teraproxy.errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError
 from teraproxy.health import HealthChecker
@@ -117,11 +118,12 @@ def create_app(config: Config) -> web.Application:
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    connector = aiohttp.TCPConnector(limit=config.upstream.max_connections, limit_per_host=0,
-                                     keepalive_timeout=config.upstream.keepalive, ttl_dns_cache=60)
+    connector = aiohttp.TCPConnector(limit=64, keepalive_timeout=config.upstream.keepalive, ttl_dns_cache=60)
+    upstream = Client(config.upstream.max_connections, config.upstream.keepalive, config.timeouts.connect)
+    # health checks are a few requests a second: aiohttp's client is fine there
     async with aiohttp.ClientSession(connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
                                      skip_auto_headers=("User-Agent",)) as session:
-        app[PROXY] = Proxy(config, app[TABLE], KeyTable(config.auth), session)
+        app[PROXY] = Proxy(config, app[TABLE], KeyTable(config.auth), upstream)
         checker = HealthChecker(config, app[TABLE], session)
         app[HEALTH] = checker
         checker.start()
@@ -129,6 +131,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             yield
         finally:
             await checker.stop()
+            await upstream.close()
     # let the connector's transports close before the loop goes away
     await asyncio.sleep(0)
 

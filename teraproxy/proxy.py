@@ -23,12 +23,10 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict
 
-from teraproxy import sse
+from teraproxy import client, sse
 from teraproxy.auth import KeyTable
 from teraproxy.balance import RetryBudget, pick
 from teraproxy.config import Config, KeyConfig
@@ -51,13 +49,13 @@ access_log = logging.getLogger("teraproxy.access")
 
 # Never forwarded to a replica: hop-by-hop headers (RFC 9110 §7.6.1), framing we rebuild, the
 # client's credentials, and OpenAI account headers Tera does not accept.
-_DROP_REQUEST = frozenset(h.lower() for h in (
+_DROP_REQUEST = frozenset(h.lower().encode() for h in (
     "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization", "TE",
     "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Content-Encoding",
     "Accept-Encoding", "Authorization", "Cookie", "X-Api-Key", "Api-Key", "OpenAI-Organization",
-    "OpenAI-Project", "Expect", "X-Request-ID", "X-Forwarded-For"))
+    "OpenAI-Project", "Expect", "X-Request-ID", "X-Forwarded-For", "Content-Type"))
 # Copied from a replica's answer to the client (everything else is rebuilt or dropped).
-_KEEP_RESPONSE = ("Content-Type", "Content-Disposition")
+_KEEP_RESPONSE = (("Content-Type", b"content-type"), ("Content-Disposition", b"content-disposition"))
 _DONE_TAIL = b"[DONE]"
 
 
@@ -110,21 +108,15 @@ CTX = web.RequestKey("teraproxy_ctx", Ctx)
 class Proxy:
     """The handlers of the API routes; every dependency comes in through the constructor."""
 
-    def __init__(self, config: Config, table: dict[str, ModelPool], keys: KeyTable,
-                 session: aiohttp.ClientSession, clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None) -> None:
+    def __init__(self, config: Config, table: dict[str, ModelPool], keys: KeyTable, upstream: client.Client,
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
         self.config = config
         self.table = table
         self.keys = keys
-        self.session = session
+        self.client = upstream
         self.clock = clock
         self.rng = rng or random.Random()
         self.budget = RetryBudget(config.retry.budget, config.retry.window, clock)
-        t = config.timeouts
-        self._t_stream = aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect,
-                                               sock_read=t.idle)
-        self._t_full = aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect,
-                                             sock_read=t.headers)
         self.created = int(time.time())
 
     # -- entry points ----------------------------------------------------------------------
@@ -222,26 +214,24 @@ class Proxy:
         mode = "sse" if stream and path != "/v1/audio/speech" else ("bytes" if path == "/v1/audio/speech" else "full")
         return await self._forward(request, ctx, pool, path, body, headers, mode, chat, affinity)
 
-    def _upstream_headers(self, request: web.Request, rid: str) -> CIMultiDict[str]:
-        out: CIMultiDict[str] = CIMultiDict()
-        connection = request.headers.get("Connection", "")
-        named = {h.strip().lower() for h in connection.split(",")} if connection else set()
-        for k, v in request.headers.items():
-            lk = k.lower()
-            if lk not in _DROP_REQUEST and lk not in named:
-                out.add(k, v)
-        out["Accept-Encoding"] = "identity"
-        out["X-Request-ID"] = rid
+    @staticmethod
+    def _upstream_headers(request: web.Request, rid: str) -> bytes:
+        """The client's headers that may reach a replica, plus ours, as an encoded header block."""
+        connection = request.headers.get("Connection")
+        named = {h.strip().lower().encode() for h in connection.split(",")} if connection else ()
+        parts = [k + b": " + v + b"\r\n" for k, v in request.raw_headers
+                 if k.lower() not in _DROP_REQUEST and k.lower() not in named]
+        parts.append(b"X-Request-ID: " + rid.encode("latin-1") + b"\r\n")
         peer = request.remote
         if peer:
             prior = request.headers.get("X-Forwarded-For")
-            out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-        return out
+            xff = f"{prior}, {peer}" if prior else peer
+            parts.append(b"X-Forwarded-For: " + xff.encode("latin-1") + b"\r\n")
+        return b"".join(parts)
 
     # -- attempts ----------------------------------------------------------------------------
     async def _forward(self, request: web.Request, ctx: Ctx, pool: ModelPool, path: str, body: bytes,
-                       headers: CIMultiDict[str], mode: str, chat: bool,
-                       affinity: str | None) -> web.StreamResponse:
+                       headers: bytes, mode: str, chat: bool, affinity: str | None) -> web.StreamResponse:
         tried: list[Replica] = []
         last: _AttemptFailed | None = None
         self.budget.request()
@@ -284,22 +274,20 @@ class Proxy:
                                headers={"Retry-After": str(wait)})
 
     async def _attempt(self, request: web.Request, ctx: Ctx, pool: ModelPool, replica: Replica, path: str,
-                       body: bytes, headers: CIMultiDict[str], mode: str, chat: bool) -> web.StreamResponse:
-        hdrs = headers
-        if replica.auth_header:
-            hdrs = headers.copy()
-            hdrs["Authorization"] = replica.auth_header
+                       body: bytes, headers: bytes, mode: str, chat: bool) -> web.StreamResponse:
+        head = replica.heads[path] + headers + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        t = self.config.timeouts
         try:
-            upstream = await self.session.post(replica.url + path, data=body, headers=hdrs,
-                                               timeout=self._t_stream if mode != "full" else self._t_full)
-        except TimeoutError:
-            raise _AttemptFailed(UpstreamTimeout(f"Replica {replica.url} did not answer in time.")) from None
-        except aiohttp.ClientError as e:
-            raise _AttemptFailed(UpstreamError(f"Replica {replica.url} is unreachable: {_why(e)}")) from None
+            ex = await self.client.request(replica.origin, head, body,
+                                           t.headers if mode == "full" else t.idle, t.idle)
+        except client.UpstreamTimeout as e:
+            raise _AttemptFailed(UpstreamTimeout(f"Replica {replica.url} did not answer in time ({e}).")) from None
+        except client.UpstreamFailure as e:
+            raise _AttemptFailed(UpstreamError(f"Replica {replica.url} is unreachable: {e}")) from None
         try:
-            status = upstream.status
+            status = ex.status
             if status >= 400:
-                data = await self._read_error(upstream, replica)
+                data = await self._read(ex, replica, limit=65536)
                 if status == 401 and _is_bare_unauthorized(data):
                     log.error("replica %s REJECTED teraproxy's own credentials (HTTP 401): check "
                               "models[].replicas[].api_key for model %s", replica.url, pool.id)
@@ -310,121 +298,94 @@ class Proxy:
                 ctx.error = f"replica answered {status}"
                 return self._replica_error(request, status, data)
             if mode == "full":
-                return await self._relay_full(request, ctx, upstream, pool, chat)
-            if mode == "sse" and upstream.content_type == "text/event-stream":
-                return await self._relay_sse(request, ctx, upstream, replica, pool.emit if chat else "passthrough")
-            return await self._relay_bytes(request, ctx, upstream)
+                data = await self._read(ex, replica)
+                if chat and pool.emit != "passthrough":
+                    data = sse.rewrite_message_body(data, pool.emit)
+                ctx.ttfb = time.monotonic() - ctx.t0
+                return web.Response(status=status, body=data, headers=self._response_headers(ex, ctx.rid))
+            if mode == "sse" and (ex.header(b"content-type") or b"").startswith(b"text/event-stream"):
+                return await self._relay_sse(request, ctx, ex, replica, pool.emit if chat else "passthrough")
+            return await self._relay_bytes(request, ctx, ex, replica)
         finally:
-            upstream.close()  # after a complete body this returns the connection to the pool
+            self.client.release(ex)  # pooled again after a complete answer, closed otherwise
 
-    async def _read_error(self, upstream: aiohttp.ClientResponse, replica: Replica) -> bytes:
-        """An error body, read to its end but never past 64 KiB."""
-        data = b""
+    async def _read(self, ex: client.Exchange, replica: Replica, limit: int | None = None) -> bytes:
         try:
-            while len(data) < 65536:
-                chunk = await upstream.content.read(65536 - len(data))
-                if not chunk:
-                    break
-                data += chunk
-            return data
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise _AttemptFailed(UpstreamError(f"Replica {replica.url} broke its answer: {_why(e)}")) from None
+            return await ex.read_all(limit)
+        except client.UpstreamTimeout:
+            raise _AttemptFailed(UpstreamTimeout(f"Replica {replica.url} timed out mid-answer.")) from None
+        except client.UpstreamFailure as e:
+            raise _AttemptFailed(UpstreamError(f"Replica {replica.url} broke its answer: {e}")) from None
 
     def _replica_error(self, request: web.Request, status: int, data: bytes) -> web.Response:
         return web.Response(status=status, body=normalise_upstream_error(status, data),
                             content_type="application/json",
                             headers={"Server": "teraproxy", "X-Request-ID": request[CTX].rid})
 
-    def _response_headers(self, upstream: aiohttp.ClientResponse, rid: str) -> dict[str, str]:
+    @staticmethod
+    def _response_headers(ex: client.Exchange, rid: str) -> dict[str, str]:
         out = {"Server": "teraproxy", "X-Request-ID": rid}
-        for h in _KEEP_RESPONSE:
-            v = upstream.headers.get(h)
+        for name, key in _KEEP_RESPONSE:
+            v = ex.header(key)
             if v is not None:
-                out[h] = v
+                out[name] = v.decode("latin-1")
         return out
 
     # -- relays --------------------------------------------------------------------------------
-    async def _relay_full(self, request: web.Request, ctx: Ctx, upstream: aiohttp.ClientResponse,
-                          pool: ModelPool, chat: bool) -> web.Response:
-        try:
-            data = await upstream.read()
-        except TimeoutError:
-            raise _AttemptFailed(UpstreamTimeout(f"Replica {upstream.url.origin()} timed out mid-answer.")) from None
-        except aiohttp.ClientError as e:
-            raise _AttemptFailed(UpstreamError(f"Replica broke its answer: {_why(e)}")) from None
-        if chat and pool.emit != "passthrough":
-            data = sse.rewrite_message_body(data, pool.emit)
-        ctx.ttfb = time.monotonic() - ctx.t0
-        return web.Response(status=upstream.status, body=data, headers=self._response_headers(upstream, ctx.rid))
-
-    async def _relay_sse(self, request: web.Request, ctx: Ctx, upstream: aiohttp.ClientResponse,
-                         replica: Replica, emit: str) -> web.StreamResponse:
+    async def _relay_sse(self, request: web.Request, ctx: Ctx, ex: client.Exchange, replica: Replica,
+                         emit: str) -> web.StreamResponse:
         relay = sse.SSERelay(emit)
-        content = upstream.content
-        out = b""
-        # Before the commit point: gather until the first complete event; failures are retryable.
-        try:
-            while not out:
-                chunk = await content.readany()
-                if not chunk:
-                    raise _AttemptFailed(UpstreamError(
-                        f"Replica {replica.url} closed the stream before its first event."))
-                out = relay.feed(chunk)
-        except TimeoutError:
-            raise _AttemptFailed(UpstreamTimeout(f"Replica {replica.url} sent no event in time.")) from None
-        except aiohttp.ClientError as e:
-            raise _AttemptFailed(UpstreamError(f"Replica {replica.url} broke the stream: {_why(e)}")) from None
-        headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-                   "X-Accel-Buffering": "no", "Server": "teraproxy", "X-Request-ID": ctx.rid}
-        resp = web.StreamResponse(status=200, headers=headers)
+        pending: list[bytes] = []
+
+        def before_commit(data: bytes) -> None:
+            out = relay.feed(data)
+            if out:
+                pending.append(out)
+                ex.wake()
+
+        for early in ex.take_body():  # body bytes that came in with the headers
+            before_commit(early)
+        ex.on_body = before_commit
+        # Before the commit point: wait for the first complete event; failures are retryable.
+        while not pending:
+            if ex.error is not None:
+                err = UpstreamTimeout if isinstance(ex.error, client.UpstreamTimeout) else UpstreamError
+                raise _AttemptFailed(err(f"Replica {replica.url} failed before its first event: {ex.error}"))
+            if ex.complete:
+                raise _AttemptFailed(UpstreamError(
+                    f"Replica {replica.url} closed the stream before its first event."))
+            await ex.wait()
+        resp = web.StreamResponse(status=200, headers={
+            "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no", "Server": "teraproxy", "X-Request-ID": ctx.rid})
         await resp.prepare(request)  # the commit point
         ctx.ttfb = time.monotonic() - ctx.t0
-        replica.breaker.record(True)  # a half-open probe is judged here, at the commit point
-        # the last two writes, to check the stream ended with [DONE] without copying every chunk
-        prev, last = b"", out
-        try:
-            await resp.write(out)
-            while True:
-                chunk = await content.readany()
-                if not chunk:
-                    break
-                out = relay.feed(chunk)
-                if out:
-                    prev, last = last, out
-                    await resp.write(out)
-            tail = relay.flush()
-            if tail:
-                prev, last = last, tail
-                await resp.write(tail)
-            if not (prev[-16:] + last[-16:]).rstrip().endswith(_DONE_TAIL):
-                raise aiohttp.ClientPayloadError("stream ended without data: [DONE]")
-        except (TimeoutError, aiohttp.ClientError) as e:
-            why = "went silent" if isinstance(e, TimeoutError) else f"broke the stream ({_why(e)})"
-            ctx.error = f"replica {why} after the response began"
-            ctx.late_failure = True
-            replica.failures += 1
-            log.warning("replica %s %s for %s", replica.url, ctx.error, ctx.rid)
-            code = "gateway_timeout" if isinstance(e, TimeoutError) else "bad_gateway"
-            await resp.write(b"data: " + error_body(
+        replica.breaker.record(True)  # a half-open probe is judged here
+        sink = await self._pump(request, resp, ex, relay.feed, pending)
+        if ex.error is None:
+            sink.write(relay.flush())
+            if not sink.ended_with(_DONE_TAIL):
+                ex.error = client.UpstreamFailure("stream ended without data: [DONE]", got_bytes=True)
+        if ex.error is not None:
+            why = "went silent" if isinstance(ex.error, client.UpstreamTimeout) else f"broke the stream ({ex.error})"
+            self._late_failure(ctx, replica, f"replica {why} after the response began")
+            code = "gateway_timeout" if isinstance(ex.error, client.UpstreamTimeout) else "bad_gateway"
+            sink.write(b"data: " + error_body(
                 f"The model replica {why} after the response began; the answer is incomplete.",
                 "server_error", code) + b"\n\ndata: [DONE]\n\n")
         ctx.frames_rewritten = relay.rewritten
         await resp.write_eof()
         return resp
 
-    async def _relay_bytes(self, request: web.Request, ctx: Ctx,
-                           upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _relay_bytes(self, request: web.Request, ctx: Ctx, ex: client.Exchange,
+                           replica: Replica) -> web.StreamResponse:
         """Audio and other non-SSE bodies: committed at the replica's headers, streamed through."""
-        resp = web.StreamResponse(status=upstream.status, headers=self._response_headers(upstream, ctx.rid))
+        resp = web.StreamResponse(status=ex.status, headers=self._response_headers(ex, ctx.rid))
         await resp.prepare(request)
         ctx.ttfb = time.monotonic() - ctx.t0
-        try:
-            async for chunk in upstream.content.iter_any():
-                await resp.write(chunk)
-        except (TimeoutError, aiohttp.ClientError) as e:
-            ctx.error = f"replica broke the body after the response began ({_why(e)})"
-            ctx.late_failure = True
-            log.warning("%s for %s", ctx.error, ctx.rid)
+        await self._pump(request, resp, ex, _same, ex.take_body())
+        if ex.error is not None:
+            self._late_failure(ctx, replica, f"replica broke the body after the response began ({ex.error})")
             # no way to signal an error inside a binary body: cut the connection so the
             # client sees a truncated transfer instead of a silently short file
             if request.transport is not None:
@@ -432,6 +393,77 @@ class Proxy:
             return resp
         await resp.write_eof()
         return resp
+
+    async def _pump(self, request: web.Request, resp: web.StreamResponse, ex: client.Exchange,
+                    feed: Callable[[bytes], bytes], first: list[bytes]) -> _Sink:
+        """After the commit point: each upstream body chunk goes through ``feed`` and straight
+        to the client's transport from the upstream's data callback (no task switch per chunk).
+        Returns when the upstream answer is complete or failed."""
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise asyncio.CancelledError  # the client is gone; handler cancellation is on its way
+        sink = _Sink(transport, request.writer.chunked)  # type: ignore[attr-defined]
+        # the first write goes through aiohttp: it flushes the status line and headers it buffered
+        while first:
+            chunk = b"".join(first)
+            first.clear()
+            await resp.write(chunk)
+            sink.prev, sink.last = sink.last, chunk
+
+        def after_commit(data: bytes) -> None:
+            out = feed(data)
+            if out:
+                sink.write(out)
+                if sink.full():
+                    ex.pause()  # the client reads slower than the replica writes: stop reading
+                    ex.wake()
+
+        ex.on_body = after_commit
+        while not ex.complete and ex.error is None:
+            if ex.conn.paused:
+                await request.writer.drain()
+                ex.resume()
+            await ex.wait()
+        return sink
+
+    def _late_failure(self, ctx: Ctx, replica: Replica, why: str) -> None:
+        ctx.error = why
+        ctx.late_failure = True
+        replica.failures += 1
+        log.warning("%s: %s for %s", replica.url, why, ctx.rid)
+
+
+class _Sink:
+    """Writes to the client transport, framing HTTP/1.1 chunks itself; remembers the last two
+    writes so the end of the stream can be checked for [DONE] without copying every chunk."""
+
+    __slots__ = ("chunked", "last", "prev", "transport")
+
+    HIGH_WATER = 256 * 1024
+
+    def __init__(self, transport: asyncio.Transport, chunked: bool) -> None:
+        self.transport = transport
+        self.chunked = chunked
+        self.prev = self.last = b""
+
+    def write(self, out: bytes) -> None:
+        if not out or self.transport.is_closing():
+            return
+        if self.chunked:
+            self.transport.writelines((b"%x\r\n" % len(out), out, b"\r\n"))
+        else:
+            self.transport.write(out)
+        self.prev, self.last = self.last, out
+
+    def full(self) -> bool:
+        return self.transport.get_write_buffer_size() > self.HIGH_WATER
+
+    def ended_with(self, token: bytes) -> bool:
+        return (self.prev[-16:] + self.last[-16:]).rstrip().endswith(token)
+
+
+def _same(data: bytes) -> bytes:
+    return data
 
 
 def _why(e: BaseException) -> str:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from teraproxy.breaker import Breaker
 from teraproxy.config import Config, ModelConfig, ReplicaConfig
+
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/audio/speech")
 
 
 class Replica:
@@ -21,17 +24,18 @@ class Replica:
         "cfg",
         "clock",
         "failures",
+        "heads",
         "in_flight",
         "last_check",
         "latency",
         "model_id",
+        "origin",
         "reason",
         "requests",
         "slow_start",
         "up",
         "up_since",
         "url",
-        "warm",
         "weight",
     )
 
@@ -54,7 +58,14 @@ class Replica:
         self.requests = 0
         self.failures = 0
         self.auth_header = f"Bearer {cfg.api_key}" if cfg.api_key else None
-        self.warm = True
+        u = urlsplit(cfg.url)
+        assert u.hostname is not None and u.port is not None  # config normalised the URL
+        self.origin = (u.hostname, u.port, u.scheme == "https")
+        # the fixed part of every request head, encoded once: request line, Host, our own headers
+        auth = f"Authorization: {self.auth_header}\r\n" if self.auth_header else ""
+        self.heads = {path: (f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+                             f"Accept-Encoding: identity\r\n{auth}").encode("latin-1")
+                      for path in GENERATION_PATHS}
 
     def available(self) -> bool:
         return self.up and self.breaker.available()

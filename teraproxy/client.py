@@ -1,0 +1,387 @@
+"""A lean HTTP/1.1 client for talking to replicas: asyncio Protocols + httptools' C parser.
+
+Why not aiohttp's ClientSession on this path: per request it builds a ClientRequest, multidicts,
+a ClientResponse and timers, and per body chunk it wakes a StreamReader and a task. Profiled
+under load that was the largest share of the proxy's CPU. Here a request is one pre-encoded
+write, and each body chunk goes from ``data_received`` straight into the exchange's ``on_body``
+callback, so a relay can write it to the client without a task switch.
+
+Invariants:
+- one exchange at a time per connection; a connection returns to its pool only after a
+  complete response that allows keep-alive, otherwise it is closed;
+- an exchange's outcome is signalled through ``error``/``complete`` plus a wake-up future, never
+  by exceptions left in futures nobody awaits;
+- timeouts: connect (on connect), headers (request sent → response headers), idle (longest
+  silence in the body, checked lazily: one timer per exchange, not one per chunk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl as ssl_mod
+from collections import deque
+from collections.abc import Callable
+
+import httptools
+
+Origin = tuple[str, int, bool]  # host, port, tls
+
+
+class UpstreamFailure(Exception):
+    """Connecting, sending or receiving failed. ``got_bytes``: the response had begun."""
+
+    def __init__(self, message: str, got_bytes: bool = False) -> None:
+        super().__init__(message)
+        self.got_bytes = got_bytes
+
+
+class UpstreamTimeout(UpstreamFailure):
+    pass
+
+
+class Exchange:
+    """One request/response on one connection."""
+
+    __slots__ = (
+        "_chunks",
+        "_timer",
+        "_waiter",
+        "complete",
+        "conn",
+        "error",
+        "got_bytes",
+        "headers",
+        "headers_done",
+        "idle",
+        "keep_alive",
+        "last_data",
+        "loop",
+        "on_body",
+        "status",
+    )
+
+    def __init__(self, conn: _Conn, loop: asyncio.AbstractEventLoop, headers_timeout: float, idle: float) -> None:
+        self.conn = conn
+        self.loop = loop
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.got_bytes = False
+        self.error: UpstreamFailure | None = None
+        self.idle = idle
+        self.last_data = 0.0
+        self._chunks: list[bytes] = []
+        self.on_body: Callable[[bytes], None] = self._chunks.append
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = loop.call_later(headers_timeout, self._on_timer)
+
+    # -- signals from the connection ---------------------------------------------------------
+    def wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def fail(self, error: UpstreamFailure) -> None:
+        if self.error is None and not self.complete:
+            self.error = error
+            self._cancel_timer()
+            self.wake()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.complete or self.error:
+            return
+        if not self.headers_done:
+            self.fail(UpstreamTimeout("no response headers in time"))
+            self.conn.abort()
+            return
+        due = self.last_data + self.idle
+        if self.loop.time() >= due:
+            self.fail(UpstreamTimeout(f"no data for {self.idle:g}s", got_bytes=True))
+            self.conn.abort()
+        else:
+            self._timer = self.loop.call_at(due, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _headers_complete(self, status: int) -> None:
+        self.status = status
+        self.headers_done = True
+        self.last_data = self.loop.time()
+        self._cancel_timer()
+        self._timer = self.loop.call_at(self.last_data + self.idle, self._on_timer)
+        self.wake()
+
+    def _message_complete(self, keep_alive: bool) -> None:
+        self.complete = True
+        self.keep_alive = keep_alive
+        self._cancel_timer()
+        self.wake()
+
+    # -- for the consumer --------------------------------------------------------------------
+    async def wait(self) -> None:
+        """Until the next wake-up: headers, completion, an error, or whatever on_body wakes for."""
+        if self.error is not None or self.complete:
+            return
+        self._waiter = self.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def header(self, name: bytes) -> bytes | None:
+        name = name.lower()
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+    async def read_all(self, limit: int | None = None) -> bytes:
+        """The whole body (at most ``limit`` bytes: past that the connection is dropped)."""
+        while not self.complete:
+            if self.error is not None:
+                raise self.error
+            if limit is not None and sum(map(len, self._chunks)) > limit:
+                self.conn.abort()
+                break
+            await self.wait()
+        if self.error is not None:
+            raise self.error
+        data = b"".join(self._chunks)
+        return data[:limit] if limit is not None else data
+
+    def take_body(self) -> list[bytes]:
+        """Body chunks received so far (before a consumer set ``on_body``); the list is handed over."""
+        chunks, self._chunks = self._chunks, []
+        return chunks
+
+    def pause(self) -> None:
+        self.conn.pause()
+
+    def resume(self) -> None:
+        self.conn.resume()
+
+
+class _Conn(asyncio.Protocol):
+    __slots__ = ("counted", "ex", "idle_since", "lost", "origin", "parser", "paused", "transport")
+
+    def __init__(self, origin: Origin) -> None:
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.ex: Exchange | None = None
+        self.lost = False
+        self.paused = False
+        self.idle_since = 0.0
+        self.counted = True  # holds one of the client's connection slots until closed
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # small writes (a request, then nothing until the answer) must not wait for Nagle
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.ex
+        if ex is None:  # bytes on an idle connection: the peer is confused; drop it
+            self.abort()
+            return
+        ex.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            ex.fail(UpstreamFailure("replica tried to upgrade the connection", got_bytes=True))
+            self.abort()
+        except httptools.HttpParserError as e:
+            ex.fail(UpstreamFailure(f"malformed HTTP from replica: {e}", got_bytes=True))
+            self.abort()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        ex = self.ex
+        if ex is not None and not ex.complete:
+            if exc is None and ex.headers_done and ex.header(b"content-length") is None \
+                    and b"chunked" not in (ex.header(b"transfer-encoding") or b"").lower():
+                ex._message_complete(False)  # a close-delimited body ends with the connection
+                return
+            why = f"connection lost: {exc}" if exc else "connection closed by replica"
+            ex.fail(UpstreamFailure(why, got_bytes=ex.got_bytes))
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.ex.headers.append((name, value))  # type: ignore[union-attr]
+
+    def on_headers_complete(self) -> None:
+        self.ex._headers_complete(self.parser.get_status_code())  # type: ignore[union-attr]
+
+    def on_body(self, body: bytes) -> None:
+        ex: Exchange = self.ex  # type: ignore[assignment]
+        ex.last_data = ex.loop.time()
+        ex.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.ex._message_complete(self.parser.should_keep_alive())  # type: ignore[union-attr]
+
+    # control
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self.lost = True
+
+    def pause(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused and self.transport is not None and not self.lost:
+            self.paused = False
+            self.transport.resume_reading()
+
+
+class Client:
+    """Keep-alive pools per replica origin, with one limit on open connections in all."""
+
+    def __init__(self, limit: int, keepalive: float, connect_timeout: float) -> None:
+        self.limit = limit
+        self.keepalive = keepalive
+        self.connect_timeout = connect_timeout
+        self.open = 0
+        self._idle: dict[Origin, deque[_Conn]] = {}
+        self._slots: deque[asyncio.Future[None]] = deque()
+        self._ssl: ssl_mod.SSLContext | None = None
+        self.closed = False
+
+    async def request(self, origin: Origin, head: bytes, body: bytes, headers_timeout: float,
+                      idle: float) -> Exchange:
+        """Send one request; returns once response headers are in (or raises UpstreamFailure)."""
+        loop = asyncio.get_running_loop()
+        conn = self._take_idle(origin, loop.time())
+        reused = conn is not None
+        if conn is None:
+            conn = await self._connect(origin, loop)
+        ex = self._send(conn, loop, head, body, headers_timeout, idle)
+        try:
+            await self._headers(ex)
+        except UpstreamFailure as e:
+            if not reused or e.got_bytes or isinstance(e, UpstreamTimeout):
+                raise
+            # the replica closed a kept-alive connection as we reused it: nothing was processed,
+            # so try once more on a fresh connection (this is not the replica failing)
+            conn = await self._connect(origin, loop)
+            ex = self._send(conn, loop, head, body, headers_timeout, idle)
+            await self._headers(ex)
+        return ex
+
+    def _send(self, conn: _Conn, loop: asyncio.AbstractEventLoop, head: bytes, body: bytes,
+              headers_timeout: float, idle: float) -> Exchange:
+        ex = Exchange(conn, loop, headers_timeout, idle)
+        conn.ex = ex
+        assert conn.transport is not None
+        conn.transport.write(head + body if len(body) < 65536 else head)
+        if len(body) >= 65536:
+            conn.transport.write(body)
+        return ex
+
+    async def _headers(self, ex: Exchange) -> None:
+        """Until the response headers are in; on error or cancellation the exchange is released
+        (so a client that goes away closes the upstream connection at once)."""
+        try:
+            while not ex.headers_done:
+                if ex.error is not None:
+                    raise ex.error
+                await ex.wait()
+        except BaseException:
+            self.release(ex)
+            raise
+
+    def release(self, ex: Exchange) -> None:
+        """Done with an exchange: its connection goes back to the pool or is closed."""
+        ex._cancel_timer()
+        conn = ex.conn
+        conn.ex = None
+        if ex.complete and ex.keep_alive and not conn.lost and not self.closed and not conn.paused:
+            loop = ex.loop
+            conn.idle_since = loop.time()
+            idle = self._idle.setdefault(conn.origin, deque())
+            idle.append(conn)
+            while idle and loop.time() - idle[0].idle_since > self.keepalive:  # amortised expiry
+                self._close(idle.popleft())
+            return
+        self._close(conn)
+
+    def _take_idle(self, origin: Origin, now: float) -> _Conn | None:
+        idle = self._idle.get(origin)
+        while idle:
+            conn = idle.pop()  # most recently used: warmest, least likely to be timed out
+            if conn.lost or now - conn.idle_since > self.keepalive:
+                self._close(conn)
+                continue
+            return conn
+        return None
+
+    async def _connect(self, origin: Origin, loop: asyncio.AbstractEventLoop) -> _Conn:
+        while self.open >= self.limit:
+            fut: asyncio.Future[None] = loop.create_future()
+            self._slots.append(fut)
+            try:
+                await fut
+            finally:
+                if fut in self._slots:
+                    self._slots.remove(fut)
+        self.open += 1
+        host, port, tls = origin
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(lambda: _Conn(origin), host, port,
+                                                       ssl=self._tls_context() if tls else None)
+        except TimeoutError:
+            self._freed()
+            raise UpstreamTimeout(f"connect timed out after {self.connect_timeout:g}s") from None
+        except OSError as e:
+            self._freed()
+            raise UpstreamFailure(f"cannot connect: {e.strerror or e}") from None
+        except BaseException:
+            self._freed()
+            raise
+        return conn
+
+    def _tls_context(self) -> ssl_mod.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl_mod.create_default_context()
+        return self._ssl
+
+    def _close(self, conn: _Conn) -> None:
+        if conn.transport is not None and not conn.transport.is_closing():
+            conn.transport.close()
+        conn.lost = True
+        if conn.counted:
+            conn.counted = False
+            self._freed()
+
+    def _freed(self) -> None:
+        self.open -= 1
+        while self._slots:
+            fut = self._slots.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                break
+
+    async def close(self) -> None:
+        self.closed = True
+        for idle in self._idle.values():
+            while idle:
+                self._close(idle.pop())
+        await asyncio.sleep(0)
+

@@ -83,7 +83,7 @@ class Timeouts:
 @dataclass(frozen=True)
 class UpstreamPool:
     max_connections: int = 4096
-    keepalive: float = 60.0
+    keepalive: float = 4.0  # below uvicorn's (so vLLM's) 5 s, so a replica never closes a connection we reuse
 
 
 @dataclass(frozen=True)
@@ -329,6 +329,9 @@ def _replica(r: _Reader, raw: Any, p: str) -> ReplicaConfig | None:
             r.fail(f"{p}.api_key_env", f"environment variable {env!r} is not set")
         else:
             api_key = os.environ[env]
+    if api_key is not None and (not api_key or not api_key.isprintable()):
+        r.fail(f"{p}.api_key", "must be a non-empty string without control characters")  # it goes in a header
+        api_key = None
     return ReplicaConfig(url, weight, api_key) if url else None
 
 

@@ -336,18 +336,22 @@ class Proxy:
                          emit: str) -> web.StreamResponse:
         relay = sse.SSERelay(emit)
         pending: list[bytes] = []
+        has_event = False  # a frame with data: comment-only frames (keep-alives) dispatch no event
 
         def before_commit(data: bytes) -> None:
+            nonlocal has_event
             out = relay.feed(data)
             if out:
                 pending.append(out)
-                ex.wake()
+                if b"data:" in out:
+                    has_event = True
+                    ex.wake()
 
         for early in ex.take_body():  # body bytes that came in with the headers
             before_commit(early)
         ex.on_body = before_commit
         # Before the commit point: wait for the first complete event; failures are retryable.
-        while not pending:
+        while not has_event:
             if ex.error is not None:
                 err = UpstreamTimeout if isinstance(ex.error, client.UpstreamTimeout) else UpstreamError
                 raise _AttemptFailed(err(f"Replica {replica.url} failed before its first event: {ex.error}"))

@@ -60,6 +60,8 @@ def test_auth_must_be_written_down() -> None:
     ({"models": [{"id": "a", "replicas": [{"url": "http://x:1"}]}, {"id": "a", "replicas": [{"url": "http://y:1"}]}]},
      "models[1].id: duplicate model id"),
     ({"health": {"fall": 0}}, "health.fall: must be an integer >= 1"),
+    ({"models": [{"id": "a", "replicas": [{"url": "http://x:1", "api_key": "k\r\nX-Evil: 1"}]}]},
+     "models[0].replicas[0].api_key: must be a non-empty string without control characters"),
     ({"retry": {"budget": 2}}, "retry.budget: must be a number between 0 and 1"),
     ({"admin_listen": "127.0.0.1:8080"}, "admin_listen: must differ from listen"),
 ])

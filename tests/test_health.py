@@ -260,3 +260,36 @@ async def test_load_with_replica_killed(cluster: Cluster, http: aiohttp.ClientSe
             proc.kill()
             proc.wait()
 
+
+
+async def test_keepalive_comment_is_not_the_commit_point(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    """A replica that sends only an SSE comment and dies has not started an answer: retried."""
+    from aiohttp import web
+
+    async def comment_then_die(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b": keep-alive\n\n")
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", comment_then_die)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        good = await cluster.replica(reasoning_field="none", tokens=3)
+        p = await cluster.proxy(models=[{"id": MODEL, "replicas": [{"url": f"http://127.0.0.1:{port}"},
+                                                                   {"url": good.url}]}])
+        replicas(p)[1].in_flight = 1000  # the first attempt goes to the comment-only replica
+        status, raw, _ = await post(http, p, STREAM)
+        replicas(p)[1].in_flight = 0
+        assert status == 200 and b'"error"' not in raw and raw.endswith(b"data: [DONE]\n\n")
+        assert good.stats.completed == 1 and b"keep-alive" not in raw
+    finally:
+        await runner.cleanup()

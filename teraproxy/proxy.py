@@ -161,11 +161,17 @@ class Proxy:
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"Request body of {request.content_length} bytes is over the limit of "
                                   f"{limit} bytes.")
+        content = request.content
+        if content.is_eof():  # the usual case: the whole body came with the headers; no timer needed
+            body = content.read_nowait(limit + 1)
+            if len(body) > limit or not content.at_eof():
+                raise PayloadTooLarge(f"Request body is over the limit of {limit} bytes.")
+            return body
         try:
             async with asyncio.timeout(self.config.limits.body_read):
-                body = await request.content.read(limit + 1)
-                if len(body) <= limit and not request.content.at_eof():
-                    body += await request.content.read(limit + 1 - len(body))
+                body = await content.read(limit + 1)
+                while len(body) <= limit and not content.at_eof():
+                    body += await content.read(limit + 1 - len(body))
         except TimeoutError:
             raise RequestTimeout("The request body was not received in time.") from None
         if len(body) > limit:

@@ -406,3 +406,39 @@ async def test_access_log_is_json_without_secrets(cluster: Cluster, http: aiohtt
     assert line["rid"] == "rid-1" and line["status"] == 200 and line["key"] == "team-a"
     assert line["model"] == MODEL and line["replica"] == r.url and line["attempts"] == 1
     assert "sk-tera-secret" not in caplog.text
+
+
+async def _raw_post(port: int, body_parts: list[bytes], pause: float, chunked: bool = False) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    size = sum(map(len, body_parts))
+    framing = b"Transfer-Encoding: chunked\r\n" if chunked else b"Content-Length: %d\r\n" % size
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + framing + b"\r\n")
+    for part in body_parts:
+        await asyncio.sleep(pause)
+        writer.write(b"%x\r\n%s\r\n" % (len(part), part) if chunked else part)
+    if chunked:
+        writer.write(b"0\r\n\r\n")
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await writer.wait_closed()
+    return raw
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_body_in_many_pieces_is_read_whole(cluster: Cluster, chunked: bool) -> None:
+    r = await cluster.replica()
+    p = await cluster.proxy([r])
+    body = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 3000}]})
+    parts = [body[i:i + 500] for i in range(0, len(body), 500)]
+    raw = await _raw_post(p.config.listen.port, parts, pause=0.02, chunked=chunked)
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:300]
+    assert r.stats.last_body.encode() == body
+
+
+async def test_slow_body_gets_408(cluster: Cluster) -> None:
+    r = await cluster.replica()
+    p = await cluster.proxy([r], limits={"body_read": "300ms"})
+    body = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
+    raw = await _raw_post(p.config.listen.port, [body[:10], body[10:20], body[20:]], pause=0.25)
+    assert raw.startswith(b"HTTP/1.1 408"), raw[:300]
+    assert b'"code":"request_timeout"' in raw and r.stats.generation_requests == 0

@@ -23,7 +23,7 @@ from teraproxy.client import Client
 from teraproxy.config import Config, load_config
 from teraproxy.errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError
 from teraproxy.health import HealthChecker
-from teraproxy.proxy import CTX, Ctx, Proxy, access_log, new_request_id
+from teraproxy.proxy import CTX, Ctx, Proxy, access_log, log, new_request_id
 from teraproxy.upstreams import ModelPool, build_table
 
 CONFIG = web.AppKey("config", Config)
@@ -73,6 +73,12 @@ async def edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
             pe = _from_http_exception(request, e)
             ctx.error = pe.code
             resp = _error_response(pe, ctx.rid)
+        except Exception:
+            log.exception("unexpected error in request %s", ctx.rid)
+            ctx.error = "internal_error"
+            if ctx.committed:
+                raise  # the answer has begun: aiohttp closes the connection, the client sees a cut
+            resp = _error_response(ProxyError("Internal error in the gateway; it has been logged."), ctx.rid)
         status = resp.status
         return resp
     finally:
@@ -84,6 +90,7 @@ async def edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
                 "replica": ctx.replica, "attempts": ctx.attempts,
                 "ttfb_ms": None if ctx.ttfb is None else round(ctx.ttfb * 1000, 2),
                 "ms": round((time.monotonic() - ctx.t0) * 1000, 2), "error": ctx.error,
+                "rewritten": ctx.frames_rewritten, "bad_frames": ctx.bad_frames,
                 "peer": request.remote}).decode())
 
 

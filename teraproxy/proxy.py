@@ -74,6 +74,8 @@ class Ctx:
 
     __slots__ = (
         "attempts",
+        "bad_frames",
+        "committed",
         "error",
         "frames_rewritten",
         "key",
@@ -99,6 +101,8 @@ class Ctx:
         self.ttfb: float | None = None
         self.error: str | None = None
         self.frames_rewritten = 0
+        self.bad_frames = 0
+        self.committed = False  # the status line went out: no other answer is possible
         self.late_failure = False  # the replica failed after the response was committed
 
 
@@ -369,6 +373,7 @@ class Proxy:
             "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no", "Server": "teraproxy", "X-Request-ID": ctx.rid})
         await resp.prepare(request)  # the commit point
+        ctx.committed = True
         ctx.ttfb = time.monotonic() - ctx.t0
         replica.breaker.record(True)  # a half-open probe is judged here
         sink = await self._pump(request, resp, ex, relay.feed, pending)
@@ -384,6 +389,10 @@ class Proxy:
                 f"The model replica {why} after the response began; the answer is incomplete.",
                 "server_error", code) + b"\n\ndata: [DONE]\n\n")
         ctx.frames_rewritten = relay.rewritten
+        ctx.bad_frames = relay.bad_frames
+        if relay.bad_frames:
+            log.warning("replica %s sent %d frame(s) with a reasoning field that are not valid JSON; "
+                        "passed through unchanged (%s)", replica.url, relay.bad_frames, ctx.rid)
         await resp.write_eof()
         return resp
 
@@ -392,6 +401,7 @@ class Proxy:
         """Audio and other non-SSE bodies: committed at the replica's headers, streamed through."""
         resp = web.StreamResponse(status=ex.status, headers=self._response_headers(ex, ctx.rid))
         await resp.prepare(request)
+        ctx.committed = True
         ctx.ttfb = time.monotonic() - ctx.t0
         await self._pump(request, resp, ex, _same, ex.take_body())
         if ex.error is not None:

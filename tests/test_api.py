@@ -442,3 +442,21 @@ async def test_slow_body_gets_408(cluster: Cluster) -> None:
     raw = await _raw_post(p.config.listen.port, [body[:10], body[10:20], body[20:]], pause=0.25)
     assert raw.startswith(b"HTTP/1.1 408"), raw[:300]
     assert b'"code":"request_timeout"' in raw and r.stats.generation_requests == 0
+
+
+async def test_unexpected_error_is_openai_shaped_500(cluster: Cluster, http: aiohttp.ClientSession,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    from teraproxy.app import PROXY
+
+    r = await cluster.replica()
+    p = await cluster.proxy([r])
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("a bug")
+
+    p.app[PROXY]._parse = broken  # type: ignore[method-assign]  # stands in for any bug on the path
+    with caplog.at_level(logging.ERROR):
+        async with http.post(f"{p.v1}/chat/completions", data=b"{}") as resp:
+            doc = await resp.json()
+    assert resp.status == 500 and doc["error"]["type"] == "server_error" and resp.headers["X-Request-ID"]
+    assert any("unexpected error" in rec.getMessage() and rec.exc_info for rec in caplog.records)

@@ -73,6 +73,8 @@ async def edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
             pe = _from_http_exception(request, e)
             ctx.error = pe.code
             resp = _error_response(pe, ctx.rid)
+        except ConnectionResetError:
+            raise  # the client went away mid-answer: logged as 499, nothing to answer
         except Exception:
             log.exception("unexpected error in request %s", ctx.rid)
             ctx.error = "internal_error"

@@ -460,3 +460,25 @@ async def test_unexpected_error_is_openai_shaped_500(cluster: Cluster, http: aio
             doc = await resp.json()
     assert resp.status == 500 and doc["error"]["type"] == "server_error" and resp.headers["X-Request-ID"]
     assert any("unexpected error" in rec.getMessage() and rec.exc_info for rec in caplog.records)
+
+
+async def test_slow_client_pauses_the_replica(cluster: Cluster) -> None:
+    """Flow control: a client that stops reading stops the upstream too; nothing is buffered whole."""
+    r = await cluster.replica(tokens=60000, reasoning_field="none")
+    p = await cluster.proxy([r])
+    body = orjson.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.config.listen.port, limit=2**20)
+    sock = writer.get_extra_info("socket")
+    import socket
+
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    reader._transport.pause_reading()  # type: ignore[attr-defined]  # the client stops reading
+    await asyncio.sleep(1.5)
+    assert r.stats.active == 1 and r.stats.completed == 0  # ~13 MB stream: the replica is held back
+    reader._transport.resume_reading()  # type: ignore[attr-defined]
+    raw = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    assert raw.count(b'"content":') == 60001 and b"data: [DONE]" in raw[-40:]
+    await wait_for(lambda: r.stats.completed == 1, 2)

@@ -68,6 +68,18 @@ class Cluster:
         self.replicas.append(r)
         return r
 
+    async def raw_upstream(self, handler: Any) -> str:
+        """A one-route upstream (POST /v1/chat/completions) for wire behaviour the sim has no flag for;
+        returns its base URL."""
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        self.runners.append(runner)
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return f"http://127.0.0.1:{port}"
+
     async def proxy(self, replicas: list[Replica] | None = None, **over: Any) -> Proxy:
         raw: dict[str, Any] = {
             "listen": f"127.0.0.1:{free_port()}",
@@ -148,13 +160,18 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
     yield started
     for p in started:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        for f in (p.stdout, p.stderr):
-            if f is not None:
-                f.close()
+        stop_process(p)
+
+
+def stop_process(p: subprocess.Popen[Any]) -> None:
+    """SIGTERM a process this test started (by its own pid), SIGKILL after 10 s; close its pipes."""
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    for f in (p.stdout, p.stderr):
+        if f is not None:
+            f.close()

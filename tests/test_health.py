@@ -276,20 +276,11 @@ async def test_keepalive_comment_is_not_the_commit_point(cluster: Cluster, http:
         request.transport.abort()
         return resp
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", comment_then_die)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        good = await cluster.replica(reasoning_field="none", tokens=3)
-        p = await cluster.proxy(models=[{"id": MODEL, "replicas": [{"url": f"http://127.0.0.1:{port}"},
-                                                                   {"url": good.url}]}])
-        replicas(p)[1].in_flight = 1000  # the first attempt goes to the comment-only replica
-        status, raw, _ = await post(http, p, STREAM)
-        replicas(p)[1].in_flight = 0
-        assert status == 200 and b'"error"' not in raw and raw.endswith(b"data: [DONE]\n\n")
-        assert good.stats.completed == 1 and b"keep-alive" not in raw
-    finally:
-        await runner.cleanup()
+    upstream = await cluster.raw_upstream(comment_then_die)
+    good = await cluster.replica(reasoning_field="none", tokens=3)
+    p = await cluster.proxy(models=[{"id": MODEL, "replicas": [{"url": upstream}, {"url": good.url}]}])
+    replicas(p)[1].in_flight = 1000  # the first attempt goes to the comment-only replica
+    status, raw, _ = await post(http, p, STREAM)
+    replicas(p)[1].in_flight = 0
+    assert status == 200 and b'"error"' not in raw and raw.endswith(b"data: [DONE]\n\n")
+    assert good.stats.completed == 1 and b"keep-alive" not in raw

@@ -13,6 +13,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests.conftest import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -212,12 +214,7 @@ def sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         yield urls
     finally:
         for p in started:
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            stop_process(p)
 
 
 def _run(**kw: object) -> loadgen.Results:

@@ -92,24 +92,14 @@ async def test_bad_reasoning_frame_passes_and_is_counted(cluster: Cluster, caplo
             await asyncio.sleep(0.01)
         return resp
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    from tests.conftest import free_port
-
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        p = await cluster.proxy(models=[{"id": MODEL, "replicas": [{"url": f"http://127.0.0.1:{port}"}]}])
-        body = orjson.dumps({"model": MODEL, "stream": True, "messages": MSGS})
-        with caplog.at_level(logging.INFO):
-            async with aiohttp.ClientSession() as http, http.post(f"{p.v1}/chat/completions", data=body) as resp:
-                raw = await resp.read()
-        assert bad in raw and b'"reasoning_content":"hm","reasoning":"hm"' in raw
-        assert raw.endswith(b"data: [DONE]\n\n")
-        line = next(orjson.loads(r.getMessage()) for r in caplog.records if r.name == "teraproxy.access")
-        assert line["bad_frames"] == 1 and line["rewritten"] == 1
-        assert any("not valid JSON" in r.getMessage() for r in caplog.records)
-    finally:
-        await runner.cleanup()
+    upstream = await cluster.raw_upstream(handler)
+    p = await cluster.proxy(models=[{"id": MODEL, "replicas": [{"url": upstream}]}])
+    body = orjson.dumps({"model": MODEL, "stream": True, "messages": MSGS})
+    with caplog.at_level(logging.INFO):
+        async with aiohttp.ClientSession() as http, http.post(f"{p.v1}/chat/completions", data=body) as resp:
+            raw = await resp.read()
+    assert bad in raw and b'"reasoning_content":"hm","reasoning":"hm"' in raw
+    assert raw.endswith(b"data: [DONE]\n\n")
+    line = next(orjson.loads(r.getMessage()) for r in caplog.records if r.name == "teraproxy.access")
+    assert line["bad_frames"] == 1 and line["rewritten"] == 1
+    assert any("not valid JSON" in r.getMessage() for r in caplog.records)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+DENIED, ALLOWED, PROBE = 0, 1, 2  # what acquire() grants
 
 
 class Breaker:
@@ -48,35 +49,44 @@ class Breaker:
         st = self.state
         return st == CLOSED or (st == HALF_OPEN and not self._probing)
 
-    def acquire(self) -> bool:
-        """Take permission to send one request; in half-open this is the single probe."""
+    def acquire(self) -> int:
+        """Permission to send one request: DENIED, ALLOWED, or PROBE (the single half-open try).
+        The grant goes back with the verdict: ``record(ok, grant)`` or ``release(grant)``."""
         st = self.state
         if st == CLOSED:
-            return True
+            return ALLOWED
         if st == HALF_OPEN and not self._probing:
             self._probing = True
-            return True
-        return False
+            return PROBE
+        return DENIED
 
-    def release(self) -> None:
-        """The request ended without a verdict (client went away): free the probe slot."""
-        self._probing = False
+    def release(self, grant: int) -> None:
+        """The request ended without a verdict (its client went away)."""
+        if grant == PROBE:
+            self._probing = False
 
-    def record(self, ok: bool) -> None:
+    def record(self, ok: bool, grant: int = ALLOWED) -> None:
+        if self._opened_at is not None:
+            # open or half-open: only the probe's verdict counts; a request sent before the trip
+            # that ends now says nothing about the replica since
+            if grant == PROBE and self._probing:
+                self._probing = False
+                if ok:
+                    self._close()
+                else:  # the probe failed: open again, twice as long
+                    self._trip(min(self._open_for * 2, self.max_open_s))
+            return
         if ok:
             self._fails = 0
-            self._opened_at = None
-            self._open_for = 0.0
-            self._probing = False
             return
-        if self._opened_at is not None:
-            if self._probing:  # the half-open probe failed: open again, twice as long
-                self._probing = False
-                self._trip(min(self._open_for * 2, self.max_open_s))
-            return  # a late failure of a request sent before the trip changes nothing
         self._fails += 1
         if self._fails >= self.failures:
             self._trip(self.open_s)
+
+    def _close(self) -> None:
+        self._fails = 0
+        self._opened_at = None
+        self._open_for = 0.0
 
     def _trip(self, open_for: float) -> None:
         self._opened_at = self.clock()

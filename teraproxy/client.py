@@ -98,6 +98,9 @@ class Exchange:
             self.fail(UpstreamTimeout("no response headers in time"))
             self.conn.abort()
             return
+        if self.conn.paused:  # we stopped reading (slow client): not the replica's silence
+            self._timer = self.loop.call_later(self.idle, self._on_timer)
+            return
         due = self.last_data + self.idle
         if self.loop.time() >= due:
             self.fail(UpstreamTimeout(f"no data for {self.idle:g}s", got_bytes=True))
@@ -144,11 +147,22 @@ class Exchange:
 
     async def read_all(self, limit: int | None = None) -> bytes:
         """The whole body (at most ``limit`` bytes: past that the connection is dropped)."""
+        if limit is not None:
+            size = sum(map(len, self._chunks))
+
+            def bounded(data: bytes) -> None:
+                nonlocal size
+                self._chunks.append(data)
+                size += len(data)
+                if size > limit:
+                    self.wake()
+
+            self.on_body = bounded
         while not self.complete:
             if self.error is not None:
                 raise self.error
-            if limit is not None and sum(map(len, self._chunks)) > limit:
-                self.conn.abort()
+            if limit is not None and size > limit:
+                self.conn.abort()  # never pooled: release() sees an incomplete exchange
                 break
             await self.wait()
         if self.error is not None:
@@ -165,14 +179,16 @@ class Exchange:
         self.conn.pause()
 
     def resume(self) -> None:
+        self.last_data = self.loop.time()
         self.conn.resume()
 
 
 class _Conn(asyncio.Protocol):
-    __slots__ = ("counted", "ex", "idle_since", "lost", "origin", "parser", "paused", "transport")
+    __slots__ = ("client", "counted", "ex", "idle_since", "lost", "origin", "parser", "paused", "transport")
 
-    def __init__(self, origin: Origin) -> None:
+    def __init__(self, origin: Origin, client: Client) -> None:
         self.origin = origin
+        self.client = client
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.ex: Exchange | None = None
@@ -210,7 +226,10 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         ex = self.ex
-        if ex is not None and not ex.complete:
+        if ex is None:  # an idle pooled connection the replica closed: give its slot back now
+            self.client._drop_idle(self)
+            return
+        if not ex.complete:
             if exc is None and ex.headers_done and ex.header(b"content-length") is None \
                     and b"chunked" not in (ex.header(b"transfer-encoding") or b"").lower():
                 ex._message_complete(False)  # a close-delimited body ends with the connection
@@ -219,6 +238,11 @@ class _Conn(asyncio.Protocol):
             ex.fail(UpstreamFailure(why, got_bytes=ex.got_bytes))
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.ex is not None and self.ex.complete:  # bytes after a complete answer: desynchronised
+            self.ex.keep_alive = False
+            self.abort()
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.ex.headers.append((name, value))  # type: ignore[union-attr]
 
@@ -267,18 +291,16 @@ class Client:
                       idle: float) -> Exchange:
         """Send one request; returns once response headers are in (or raises UpstreamFailure)."""
         loop = asyncio.get_running_loop()
-        conn = self._take_idle(origin, loop.time())
-        reused = conn is not None
-        if conn is None:
-            conn = await self._connect(origin, loop)
+        conn, reused = await self._acquire(origin, loop)
+        sent = loop.time()
         ex = self._send(conn, loop, head, body, headers_timeout, idle)
         try:
             await self._headers(ex)
         except UpstreamFailure as e:
-            if not reused or e.got_bytes or isinstance(e, UpstreamTimeout):
+            if not reused or e.got_bytes or isinstance(e, UpstreamTimeout) or loop.time() - sent > 0.25:
                 raise
-            # the replica closed a kept-alive connection as we reused it: nothing was processed,
-            # so try once more on a fresh connection (this is not the replica failing)
+            # the replica closed a kept-alive connection just as we reused it (the reset comes at
+            # once): it processed nothing, so try once more on a fresh connection. Not a failure.
             conn = await self._connect(origin, loop)
             ex = self._send(conn, loop, head, body, headers_timeout, idle)
             await self._headers(ex)
@@ -312,14 +334,41 @@ class Client:
         conn = ex.conn
         conn.ex = None
         if ex.complete and ex.keep_alive and not conn.lost and not self.closed and not conn.paused:
-            loop = ex.loop
-            conn.idle_since = loop.time()
+            now = ex.loop.time()
+            conn.idle_since = now
             idle = self._idle.setdefault(conn.origin, deque())
             idle.append(conn)
-            while idle and loop.time() - idle[0].idle_since > self.keepalive:  # amortised expiry
+            while idle and now - idle[0].idle_since > self.keepalive:  # amortised expiry
                 self._close(idle.popleft())
+            self._wake_next()  # a waiter for this origin can take it, any other can evict it
             return
         self._close(conn)
+
+    async def _acquire(self, origin: Origin, loop: asyncio.AbstractEventLoop) -> tuple[_Conn, bool]:
+        """A connection to origin: a pooled one, a new one within the limit, or a new one after
+        closing the longest-idle connection to any origin; else wait (at most connect_timeout)."""
+        deadline = loop.time() + self.connect_timeout
+        while True:
+            conn = self._take_idle(origin, loop.time())
+            if conn is not None:
+                return conn, True
+            if self.open < self.limit or self._evict_idle():
+                return await self._connect(origin, loop), False
+            fut: asyncio.Future[None] = loop.create_future()
+            self._slots.append(fut)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await fut
+            except TimeoutError:
+                raise UpstreamTimeout(f"all {self.limit} upstream connections busy "
+                                      f"(upstream.max_connections) for {self.connect_timeout:g}s") from None
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._wake_next()  # pass on the wake-up this task can no longer use
+                raise
+            finally:
+                if fut in self._slots:
+                    self._slots.remove(fut)
 
     def _take_idle(self, origin: Origin, now: float) -> _Conn | None:
         idle = self._idle.get(origin)
@@ -331,20 +380,30 @@ class Client:
             return conn
         return None
 
+    def _evict_idle(self) -> bool:
+        """Close the longest-idle pooled connection of any origin, to make room. False if none."""
+        oldest: deque[_Conn] | None = None
+        for q in self._idle.values():
+            if q and (oldest is None or q[0].idle_since < oldest[0].idle_since):
+                oldest = q
+        if oldest is None:
+            return False
+        self._close(oldest.popleft())
+        return True
+
+    def _drop_idle(self, conn: _Conn) -> None:
+        q = self._idle.get(conn.origin)
+        if q is not None and conn in q:
+            q.remove(conn)
+        self._close(conn)
+
     async def _connect(self, origin: Origin, loop: asyncio.AbstractEventLoop) -> _Conn:
-        while self.open >= self.limit:
-            fut: asyncio.Future[None] = loop.create_future()
-            self._slots.append(fut)
-            try:
-                await fut
-            finally:
-                if fut in self._slots:
-                    self._slots.remove(fut)
+        """A new connection; the caller made sure a slot is free (it is taken here, synchronously)."""
         self.open += 1
         host, port, tls = origin
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Conn(origin), host, port,
+                _, conn = await loop.create_connection(lambda: _Conn(origin, self), host, port,
                                                        ssl=self._tls_context() if tls else None)
         except TimeoutError:
             self._freed()
@@ -372,6 +431,9 @@ class Client:
 
     def _freed(self) -> None:
         self.open -= 1
+        self._wake_next()
+
+    def _wake_next(self) -> None:
         while self._slots:
             fut = self._slots.popleft()
             if not fut.done():

@@ -60,26 +60,35 @@ class HealthChecker:
         ever_up = False
         await asyncio.sleep(self.rng.uniform(0, min(0.25, self.cfg.interval)))
         while True:
-            ok, why = await self.probe(r)
-            if ok:
-                ok_run, fail_run = ok_run + 1, 0
-                if not r.up and ok_run >= (self.cfg.rise if ever_up else 1):
-                    ok, why = await self._admit(r)
-                    if ok:
-                        r.mark_up(time.monotonic(), first=not ever_up)
-                        log.warning("replica %s (%s) is up", r.url, r.model_id)
-                        ever_up = True
-                    else:
-                        ok_run = 0
-                        r.reason = why
-            else:
+            try:
+                ever_up, ok_run, fail_run = await self._step(r, ever_up, ok_run, fail_run)
+            except Exception:  # a bug must never end the watch: the replica would freeze in its state
+                log.exception("health check of %s failed unexpectedly", r.url)
                 fail_run, ok_run = fail_run + 1, 0
-                if r.up and fail_run >= self.cfg.fall:
-                    r.mark_down(why)
-                    log.warning("replica %s (%s) is down: %s", r.url, r.model_id, why)
-                elif not r.up:
-                    r.reason = why
             await asyncio.sleep(self.cfg.interval * self.rng.uniform(0.85, 1.15))
+
+    async def _step(self, r: Replica, ever_up: bool, ok_run: int, fail_run: int) -> tuple[bool, int, int]:
+        """One check and its consequences; returns the updated (ever_up, ok_run, fail_run)."""
+        ok, why = await self.probe(r)
+        if ok:
+            ok_run, fail_run = ok_run + 1, 0
+            if not r.up and ok_run >= (self.cfg.rise if ever_up else 1):
+                ok, why = await self._admit(r)
+                if ok:
+                    r.mark_up(time.monotonic(), first=not ever_up)
+                    log.warning("replica %s (%s) is up", r.url, r.model_id)
+                    ever_up = True
+                else:
+                    ok_run = 0
+                    r.reason = why
+        else:
+            fail_run, ok_run = fail_run + 1, 0
+            if r.up and fail_run >= self.cfg.fall:
+                r.mark_down(why)
+                log.warning("replica %s (%s) is down: %s", r.url, r.model_id, why)
+            elif not r.up:
+                r.reason = why
+        return ever_up, ok_run, fail_run
 
     async def probe(self, r: Replica) -> tuple[bool, str]:
         t0 = time.monotonic()
@@ -113,7 +122,8 @@ class HealthChecker:
                     if resp.status != 200:
                         return False, f"/v1/models answered HTTP {resp.status}"
                     doc = orjson.loads(await resp.read())
-                ids = [m.get("id") for m in doc.get("data", []) if isinstance(m, dict)]
+                data = doc.get("data") if isinstance(doc, dict) else None
+                ids = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
                 if r.model_id not in ids:
                     return False, f"serves {', '.join(map(str, ids)) or 'no model'}, not {r.model_id}"
             if self.cfg.warmup:

@@ -25,10 +25,12 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from teraproxy import client, sse
 from teraproxy.auth import KeyTable
 from teraproxy.balance import RetryBudget, pick
+from teraproxy.breaker import ALLOWED, DENIED
 from teraproxy.config import Config, KeyConfig
 from teraproxy.errors import (
     BadRequest,
@@ -78,6 +80,7 @@ class Ctx:
         "committed",
         "error",
         "frames_rewritten",
+        "grant",
         "key",
         "late_failure",
         "model",
@@ -103,6 +106,7 @@ class Ctx:
         self.frames_rewritten = 0
         self.bad_frames = 0
         self.committed = False  # the status line went out: no other answer is possible
+        self.grant = ALLOWED  # what the replica's breaker granted the current attempt
         self.late_failure = False  # the replica failed after the response was committed
 
 
@@ -166,8 +170,8 @@ class Proxy:
             raise PayloadTooLarge(f"Request body of {request.content_length} bytes is over the limit of "
                                   f"{limit} bytes.")
         content = request.content
-        if content.is_eof():  # the usual case: the whole body came with the headers; no timer needed
-            body = content.read_nowait(limit + 1)
+        if content.is_eof() and content.exception() is None:  # the usual case: the whole body came
+            body = content.read_nowait(limit + 1)                 # with the headers; no timer needed
             if len(body) > limit or not content.at_eof():
                 raise PayloadTooLarge(f"Request body is over the limit of {limit} bytes.")
             return body
@@ -178,6 +182,9 @@ class Proxy:
                     body += await content.read(limit + 1 - len(body))
         except TimeoutError:
             raise RequestTimeout("The request body was not received in time.") from None
+        except (HttpProcessingError, web.RequestPayloadError) as e:  # e.g. a body its Content-Encoding
+            why = getattr(e, "message", None) or str(e)                 # does not match
+            raise BadRequest(f"The request body could not be read: {why}", code="invalid_body") from None
         if len(body) > limit:
             raise PayloadTooLarge(f"Request body is over the limit of {limit} bytes.")
         return body
@@ -236,7 +243,8 @@ class Proxy:
         if peer:
             prior = request.headers.get("X-Forwarded-For")
             xff = f"{prior}, {peer}" if prior else peer
-            parts.append(b"X-Forwarded-For: " + xff.encode("latin-1") + b"\r\n")
+            # header values arrive as UTF-8 with surrogate escapes: this gives back the client's bytes
+            parts.append(b"X-Forwarded-For: " + xff.encode("utf-8", "surrogateescape") + b"\r\n")
         return b"".join(parts)
 
     # -- attempts ----------------------------------------------------------------------------
@@ -253,8 +261,10 @@ class Proxy:
                 log.warning("retry budget exhausted; not retrying request %s", ctx.rid)
                 break
             tried.append(replica)
-            if not replica.breaker.acquire():  # another request took the half-open probe
+            grant = replica.breaker.acquire()
+            if grant == DENIED:  # another request took the half-open probe
                 continue
+            ctx.grant = grant
             ctx.attempts += 1
             ctx.replica = replica.url
             replica.in_flight += 1
@@ -272,9 +282,9 @@ class Proxy:
             finally:
                 replica.in_flight -= 1
                 if verdict is None:
-                    replica.breaker.release()
+                    replica.breaker.release(ctx.grant)
                 else:
-                    replica.breaker.record(verdict)
+                    replica.breaker.record(verdict, ctx.grant)
         if last is not None:
             if last.error is not None:
                 raise last.error
@@ -375,8 +385,11 @@ class Proxy:
         await resp.prepare(request)  # the commit point
         ctx.committed = True
         ctx.ttfb = time.monotonic() - ctx.t0
-        replica.breaker.record(True)  # a half-open probe is judged here
+        replica.breaker.record(True, ctx.grant)  # a half-open probe is judged here, at the commit
+        ctx.grant = ALLOWED  # from now on this request is an ordinary one
         sink = await self._pump(request, resp, ex, relay.feed, pending)
+        if sink.transport.is_closing():  # the client left as the answer ended: not the replica's fault
+            raise ConnectionResetError("client went away")
         if ex.error is None:
             sink.write(relay.flush())
             if not sink.ended_with(_DONE_TAIL):

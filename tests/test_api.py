@@ -480,5 +480,6 @@ async def test_slow_client_pauses_the_replica(cluster: Cluster) -> None:
     reader._transport.resume_reading()  # type: ignore[attr-defined]
     raw = await asyncio.wait_for(reader.read(), 30)
     writer.close()
+    await writer.wait_closed()
     assert raw.count(b'"content":') == 60001 and b"data: [DONE]" in raw[-40:]
     await wait_for(lambda: r.stats.completed == 1, 2)

@@ -6,7 +6,7 @@ import random
 from collections import Counter
 
 from teraproxy.balance import RetryBudget, pick
-from teraproxy.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+from teraproxy.breaker import ALLOWED, CLOSED, DENIED, HALF_OPEN, OPEN, PROBE, Breaker
 from teraproxy.config import parse_config
 from teraproxy.upstreams import build_table
 
@@ -27,25 +27,43 @@ def test_breaker_opens_half_opens_and_backs_off() -> None:
     assert b.state == CLOSED
     b.record(True)  # a success resets the count: failures must be consecutive
     for _ in range(3):
-        assert b.acquire()
+        assert b.acquire() == ALLOWED
         b.record(False)
-    assert b.state == OPEN and not b.available() and not b.acquire() and b.retry_in() == 10
+    assert b.state == OPEN and not b.available() and b.acquire() == DENIED and b.retry_in() == 10
     c.t += 10
     assert b.state == HALF_OPEN and b.available()
-    assert b.acquire()  # the one probe
-    assert not b.acquire() and not b.available()  # exactly one
-    b.record(False)  # probe failed: open twice as long
+    assert b.acquire() == PROBE  # the one probe
+    assert b.acquire() == DENIED and not b.available()  # exactly one
+    b.record(False, PROBE)  # probe failed: open twice as long
     assert b.state == OPEN and b.retry_in() == 20
     c.t += 20
-    assert b.acquire()
-    b.record(False)
+    assert b.acquire() == PROBE
+    b.record(False, PROBE)
     assert b.retry_in() == 25  # capped at max_open
     c.t += 25
-    assert b.acquire()
-    b.release()  # probe ended without a verdict (client left): slot free again
-    assert b.acquire()
-    b.record(True)
-    assert b.state == CLOSED and b.acquire() and b.acquire()
+    assert b.acquire() == PROBE
+    b.release(PROBE)  # probe ended without a verdict (client left): slot free again
+    assert b.acquire() == PROBE
+    b.record(True, PROBE)
+    assert b.state == CLOSED and b.acquire() == ALLOWED and b.acquire() == ALLOWED
+
+
+def test_only_the_probe_decides_half_open() -> None:
+    c = Clock()
+    b = Breaker(failures=1, open_s=10, max_open_s=60, clock=c)
+    old = b.acquire()  # a request sent while closed...
+    b.record(False)  # ...another one trips the breaker
+    c.t += 10
+    probe = b.acquire()
+    assert old == ALLOWED and probe == PROBE
+    b.release(old)  # the old request's client leaves: the probe keeps its slot
+    assert b.acquire() == DENIED
+    b.record(False, old)  # the old request fails late: not the probe's verdict
+    assert b.state == HALF_OPEN and b.retry_in() == 0
+    b.record(True, old)  # nor is a late success
+    assert b.state == HALF_OPEN
+    b.record(True, probe)
+    assert b.state == CLOSED
 
 
 def test_late_failure_of_old_request_does_not_extend_open() -> None:

@@ -254,7 +254,8 @@ async def test_load_with_replica_killed(cluster: Cluster, http: aiohttp.ClientSe
 
         await asyncio.gather(*(worker() for _ in range(12)))
         assert len(statuses) >= 300 and statuses.count(200) == len(statuses), Counter(statuses)
-        assert not replicas(p)[0].up or replicas(p)[0].breaker.state != "closed"
+        await wait_for(lambda: not replicas(p)[0].up, 3)  # and health checks took it out
+        assert "health check failed" in replicas(p)[0].reason
     finally:
         for proc in procs:
             proc.kill()

@@ -1,0 +1,178 @@
+"""The upstream connection pool and edge cases found in review: each was a real bug once."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from teraproxy.app import TABLE
+from teraproxy.client import Client, UpstreamTimeout
+from tests.conftest import MODEL, Cluster, free_port, wait_for
+
+BODY = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+
+
+async def _post(http: aiohttp.ClientSession, url: str, body: bytes = BODY) -> int:
+    async with http.post(url, data=body) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def test_waiter_gets_the_connection_returned_to_the_pool(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    r = await cluster.replica(ttft_ms=200)
+    p = await cluster.proxy([r], upstream={"max_connections": 1})
+    url = f"{p.v1}/chat/completions"
+    results = await asyncio.wait_for(asyncio.gather(*(_post(http, url) for _ in range(4))), 5)
+    assert results == [200] * 4
+
+
+async def test_idle_connections_of_one_replica_do_not_starve_another(cluster: Cluster,
+                                                                      http: aiohttp.ClientSession) -> None:
+    r1, r2 = await cluster.replica(), await cluster.replica(model="m2")
+    p = await cluster.proxy(upstream={"max_connections": 1}, models=[
+        {"id": MODEL, "replicas": [{"url": r1.url}]}, {"id": "m2", "replicas": [{"url": r2.url}]}])
+    assert await _post(http, f"{p.v1}/chat/completions") == 200  # leaves an idle connection to r1
+    body = orjson.dumps({"model": "m2", "messages": [{"role": "user", "content": "hi"}]})
+    assert await asyncio.wait_for(_post(http, f"{p.v1}/chat/completions", body), 3) == 200
+
+
+async def test_pool_wait_is_bounded_and_wakeups_are_not_lost() -> None:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read(1)
+
+    srv = await asyncio.start_server(hold, "127.0.0.1", 0)
+    origin = ("127.0.0.1", srv.sockets[0].getsockname()[1], False)
+    loop = asyncio.get_running_loop()
+    c = Client(limit=1, keepalive=4, connect_timeout=0.3)
+    try:
+        held, _ = await c._acquire(origin, loop)
+        try:  # the only slot is busy: a waiter gives up after connect_timeout
+            await c._acquire(origin, loop)
+            raise AssertionError("expected a timeout")
+        except UpstreamTimeout as e:
+            assert "max_connections" in str(e)
+        b = asyncio.create_task(c._acquire(origin, loop))
+        d = asyncio.create_task(c._acquire(origin, loop))
+        await asyncio.sleep(0.01)
+        c._close(held)  # frees the slot and wakes b...
+        b.cancel()  # ...whose client leaves in the same tick: d must get the slot instead
+        conn, reused = await asyncio.wait_for(d, 1)
+        assert not reused and c.open == 1
+        c._close(conn)
+        assert c.open == 0
+    finally:
+        await c.close()
+        srv.close()
+        for w in accepted:
+            w.close()
+            await w.wait_closed()
+        await srv.wait_closed()
+
+
+async def test_slow_client_is_not_blamed_on_the_replica(cluster: Cluster) -> None:
+    r = await cluster.replica(tokens=60000, reasoning_field="none")
+    p = await cluster.proxy([r], timeouts={"idle": "1s"})
+    body = orjson.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.config.listen.port, limit=2**20)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    reader._transport.pause_reading()  # type: ignore[attr-defined]  # stalls longer than timeouts.idle
+    await asyncio.sleep(2.5)
+    reader._transport.resume_reading()  # type: ignore[attr-defined]
+    raw = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    await writer.wait_closed()
+    rep = p.app[TABLE][MODEL].replicas[0]
+    assert b"went silent" not in raw and raw.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert rep.failures == 0 and rep.breaker.state == "closed"
+
+
+async def _raw(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    await writer.wait_closed()
+    return data
+
+
+async def test_non_latin1_forwarded_for_is_passed_through(cluster: Cluster) -> None:
+    r = await cluster.replica()
+    p = await cluster.proxy([r])
+    data = await _raw(p.config.listen.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                      b"X-Forwarded-For: \xe2\x82\xac\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY)
+    assert data.startswith(b"HTTP/1.1 200"), data[:200]
+    assert r.stats.last_headers["X-Forwarded-For"] == "€, 127.0.0.1"
+
+
+async def test_undecodable_body_is_400(cluster: Cluster) -> None:
+    r = await cluster.replica()
+    p = await cluster.proxy([r])
+    body = b"\x1f\x8b\x08\x00garbagegarbage"
+    data = await _raw(p.config.listen.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                      b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    assert data.startswith(b"HTTP/1.1 400") and b'"code":"invalid_body"' in data, data[:300]
+
+
+async def test_health_survives_a_malformed_models_answer(cluster: Cluster) -> None:
+    state = {"bad": True}
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"data": None} if state["bad"] else {"object": "list", "data": [{"id": MODEL}]})
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response()
+
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"choices": []})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    cluster.runners.append(runner)
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    p = await cluster.proxy(health={"interval": "100ms", "rise": 1},
+                            models=[{"id": MODEL, "replicas": [{"url": f"http://127.0.0.1:{port}"}]}])
+    rep = p.app[TABLE][MODEL].replicas[0]
+    await asyncio.sleep(0.4)
+    assert not rep.up and "serves no model" in rep.reason
+    state["bad"] = False
+    await wait_for(lambda: rep.up, 2)  # the watch is still alive and admits it
+
+
+async def test_bytes_after_a_complete_answer_are_not_pooled(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    """A replica that sends a stray second response: the connection is dropped, never reused."""
+    answer = b'{"choices":[]}'
+    one = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer)
+    seen: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(1)
+        while await reader.read(65536):
+            writer.write(one + b"HTTP/1.1 200 OK\r\nContent-Le")  # the tail of a second, broken answer
+            await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        p = await cluster.proxy(models=[{"id": MODEL, "replicas": [{"url": f"http://127.0.0.1:{port}"}]}])
+        for _ in range(3):
+            assert await _post(http, f"{p.v1}/chat/completions") == 200
+        assert len(seen) == 3  # a fresh connection each time: the desynchronised one was not reused
+    finally:
+        srv.close()
+        await srv.wait_closed()

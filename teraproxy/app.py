@@ -23,6 +23,7 @@ from teraproxy.client import Client
 from teraproxy.config import Config, load_config
 from teraproxy.errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError
 from teraproxy.health import HealthChecker
+from teraproxy.metrics import Metrics
 from teraproxy.proxy import CTX, Ctx, Proxy, access_log, log, new_request_id
 from teraproxy.upstreams import ModelPool, build_table
 
@@ -30,6 +31,7 @@ CONFIG = web.AppKey("config", Config)
 TABLE = web.AppKey("table", dict[str, ModelPool])
 PROXY = web.AppKey("proxy", Proxy)
 HEALTH = web.AppKey("health", HealthChecker)
+METRICS = web.AppKey("metrics", Metrics)
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SERVED = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/audio/speech")
@@ -85,13 +87,16 @@ async def edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
         return resp
     finally:
         ctx.status = status
+        elapsed = time.monotonic() - ctx.t0
+        request.app[METRICS].request(ctx.model, status, elapsed, ctx.ttfb, ctx.attempts, ctx.frames_rewritten,
+                                     ctx.bad_frames)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(orjson.dumps({
                 "ts": round(time.time(), 3), "rid": ctx.rid, "method": request.method, "path": request.path,
                 "status": status, "model": ctx.model, "key": ctx.key, "stream": ctx.stream,
                 "replica": ctx.replica, "attempts": ctx.attempts,
                 "ttfb_ms": None if ctx.ttfb is None else round(ctx.ttfb * 1000, 2),
-                "ms": round((time.monotonic() - ctx.t0) * 1000, 2), "error": ctx.error,
+                "ms": round(elapsed * 1000, 2), "error": ctx.error,
                 "rewritten": ctx.frames_rewritten, "bad_frames": ctx.bad_frames,
                 "peer": request.remote}).decode())
 
@@ -100,6 +105,7 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[edge], client_max_size=config.limits.max_body)
     app[CONFIG] = config
     app[TABLE] = build_table(config)
+    app[METRICS] = Metrics(app[TABLE])
     app.cleanup_ctx.append(_resources)
 
     async def chat(r: web.Request) -> web.StreamResponse:
@@ -157,7 +163,12 @@ def create_admin_app(api: web.Application) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=api[METRICS].render(), content_type="text/plain",
+                            headers={"Cache-Control": "no-cache"})
+
     admin.router.add_get("/admin/upstreams", upstreams)
+    admin.router.add_get("/metrics", metrics)
     admin.router.add_get("/healthz", healthz)
     return admin
 

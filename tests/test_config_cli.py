@@ -195,3 +195,33 @@ def test_refuses_pure_python_http_parser(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "c.yaml", {**GOOD, "listen": f"127.0.0.1:{free_port()}"})
     r = run_cli("serve", "--config", str(cfg), env={**os.environ, "AIOHTTP_NO_EXTENSIONS": "1"})
     assert r.returncode == 2 and "pure-Python HTTP parser" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_demo_answers_its_own_curl_line_and_the_sdk(procs: list[subprocess.Popen[bytes]]) -> None:
+    import shutil
+
+    from openai import OpenAI
+
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "teraproxy", "demo", "--port", str(port)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs.append(p)
+    assert p.stdout is not None
+    lines: list[str] = []
+    t0 = time.monotonic()
+    while not any(line.lstrip().startswith("curl -sN") for line in lines):
+        line = p.stdout.readline().decode()
+        assert line or p.poll() is None, p.stderr.read() if p.stderr else ""
+        lines.append(line)
+        assert time.monotonic() - t0 < 20
+    curl = next(line.strip() for line in lines if line.lstrip().startswith("curl -sN"))
+    _wait_http(f"http://127.0.0.1:{port}/v1/models")
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="demo", max_retries=3)
+    try:
+        answer = client.chat.completions.create(model="Qwen/Qwen3-8B", messages=[{"role": "user", "content": "Hi"}])
+    finally:
+        client.close()
+    assert answer.choices[0].message.content
+    if shutil.which("curl"):
+        out = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=20)
+        assert out.returncode == 0 and out.stdout.rstrip().endswith("data: [DONE]"), out

@@ -1,0 +1,94 @@
+"""Prometheus metrics on the admin listener, from their own registry.
+
+Per request the hot path does a cached counter increment and one histogram observation (label
+children are looked up once per model and status class, not per request). Everything about
+replicas (up, breaker, in flight, requests, failures) is read from the routing table when
+/metrics is scraped, so it costs nothing per request. Labels are bounded: model ids and replica
+URLs come from the config, status is a class (2xx, 4xx, ...); never a key or a raw path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from teraproxy.upstreams import ModelPool
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+NO_MODEL = ""  # requests that never named a served model (bad JSON, unknown model, 404 paths)
+
+
+class Metrics:
+    def __init__(self, table: dict[str, ModelPool]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.models = frozenset(table)
+        self.requests = Counter("teraproxy_requests", "Requests answered, by model and status class",
+                                ["model", "status"], registry=self.registry)
+        self.duration = Histogram("teraproxy_request_duration_seconds", "Time to the last byte",
+                                  ["model"], buckets=_BUCKETS, registry=self.registry)
+        self.ttfb = Histogram("teraproxy_time_to_first_byte_seconds",
+                              "Time until the response was committed (first event of a stream)",
+                              ["model"], buckets=_BUCKETS, registry=self.registry)
+        self.retries = Counter("teraproxy_retries", "Attempts beyond the first, by model", ["model"],
+                               registry=self.registry)
+        self.rewritten = Counter("teraproxy_reasoning_frames_rewritten",
+                                 "Stream frames whose reasoning field was aliased", ["model"], registry=self.registry)
+        self.bad_frames = Counter("teraproxy_sse_bad_frames",
+                                  "Frames with a reasoning field that were not valid JSON (passed through)",
+                                  ["model"], registry=self.registry)
+        self._children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self.registry.register(_TableCollector(table))
+
+    def request(self, model: str | None, status: int, seconds: float, ttfb: float | None, attempts: int,
+                rewritten: int, bad_frames: int) -> None:
+        m = model if model in self.models else NO_MODEL
+        key = (m, status // 100)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = (self.requests.labels(m, _CLASSES.get(status // 100, "other")),
+                                            self.duration.labels(m))
+        child[0].inc()
+        child[1].observe(seconds)
+        if ttfb is not None:
+            self.ttfb.labels(m).observe(ttfb)
+        if attempts > 1:
+            self.retries.labels(m).inc(attempts - 1)
+        if rewritten:
+            self.rewritten.labels(m).inc(rewritten)
+        if bad_frames:
+            self.bad_frames.labels(m).inc(bad_frames)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _TableCollector(Collector):
+    """Replica state, read at scrape time."""
+
+    def __init__(self, table: dict[str, ModelPool]) -> None:
+        self.table = table
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "replica"]
+        up = GaugeMetricFamily("teraproxy_replica_up", "1 if the replica passes health checks", labels=labels)
+        open_ = GaugeMetricFamily("teraproxy_replica_breaker_open",
+                                  "1 if the replica's circuit breaker is open or half-open", labels=labels)
+        flight = GaugeMetricFamily("teraproxy_replica_in_flight", "Requests in flight to the replica",
+                                   labels=labels)
+        reqs = CounterMetricFamily("teraproxy_replica_attempts", "Attempts sent to the replica", labels=labels)
+        fails = CounterMetricFamily("teraproxy_replica_failures",
+                                    "Attempts that failed (connect error, timeout, 5xx, broken stream)",
+                                    labels=labels)
+        for pool in self.table.values():
+            for r in pool.replicas:
+                lv = [pool.id, r.url]
+                up.add_metric(lv, 1.0 if r.up else 0.0)
+                open_.add_metric(lv, 0.0 if r.breaker.state == "closed" else 1.0)
+                flight.add_metric(lv, r.in_flight)
+                reqs.add_metric(lv, r.requests)
+                fails.add_metric(lv, r.failures)
+        yield from (up, open_, flight, reqs, fails)

@@ -1,0 +1,54 @@
+"""/metrics on the admin listener: counts that follow real traffic, bounded labels."""
+
+from __future__ import annotations
+
+import aiohttp
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import MODEL, Cluster
+
+BODY = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+
+
+async def scrape(http: aiohttp.ClientSession, url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with http.get(url) as resp:
+        assert resp.status == 200 and resp.content_type == "text/plain"
+        text = await resp.text()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+async def test_metrics_follow_traffic(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    bad, good = await cluster.replica(), await cluster.replica(reasoning_field="reasoning_content")
+    bad.faults.fail_status = 503
+    p = await cluster.proxy([bad, good], auth={"keys": [{"name": "team-secret-name", "sha256": "ab" * 32}]})
+    p2 = await cluster.proxy([bad, good])  # open access, to send traffic
+    for _ in range(6):
+        async with http.post(f"{p2.v1}/chat/completions", data=BODY) as resp:
+            assert resp.status == 200
+    stream = orjson.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    async with http.post(f"{p2.v1}/chat/completions", data=stream) as resp:
+        await resp.read()
+    async with http.post(f"{p2.v1}/chat/completions", data=b'{"model": "nope/x", "messages": []}') as resp:
+        assert resp.status == 404
+    async with http.get(f"{p2.v1}/some/raw/path") as resp:
+        assert resp.status == 404
+    m = await scrape(http, f"{p2.admin}/metrics")
+    assert m[("teraproxy_requests_total", (("model", MODEL), ("status", "2xx")))] == 7
+    assert m[("teraproxy_requests_total", (("model", ""), ("status", "4xx")))] == 2  # unknown model, bad path
+    assert m[("teraproxy_request_duration_seconds_count", (("model", MODEL),))] == 7
+    assert m[("teraproxy_time_to_first_byte_seconds_count", (("model", MODEL),))] == 7
+    retries = m[("teraproxy_retries_total", (("model", MODEL),))]
+    assert retries == bad.stats.generation_requests >= 1  # every try of the failing replica was retried
+    assert m[("teraproxy_reasoning_frames_rewritten_total", (("model", MODEL),))] >= 1
+    for url, up in ((bad.url, 1.0), (good.url, 1.0)):
+        assert m[("teraproxy_replica_up", (("model", MODEL), ("replica", url)))] == up
+    fails = m[("teraproxy_replica_failures_total", (("model", MODEL), ("replica", bad.url)))]
+    assert fails == bad.stats.generation_requests
+    # bounded labels: no key names, no raw paths
+    other = await scrape(http, f"{p.admin}/metrics")
+    names = " ".join(str(k) for k in list(m) + list(other))
+    assert "team-secret-name" not in names and "/some/raw/path" not in names
+    async with http.get(f"{p2.base}/metrics") as resp:
+        assert resp.status == 404  # never on the API port

@@ -9,8 +9,8 @@ ProxyError and every aiohttp HTTPException (router 404/405, ...) leaves as OpenA
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -18,13 +18,14 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from teraproxy.accesslog import AccessLog
 from teraproxy.auth import KeyTable
 from teraproxy.client import Client
 from teraproxy.config import Config, load_config
 from teraproxy.errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError
 from teraproxy.health import HealthChecker
 from teraproxy.metrics import Metrics
-from teraproxy.proxy import CTX, Ctx, Proxy, access_log, log, new_request_id
+from teraproxy.proxy import CTX, Ctx, Proxy, log, new_request_id
 from teraproxy.upstreams import ModelPool, build_table
 
 CONFIG = web.AppKey("config", Config)
@@ -32,6 +33,7 @@ TABLE = web.AppKey("table", dict[str, ModelPool])
 PROXY = web.AppKey("proxy", Proxy)
 HEALTH = web.AppKey("health", HealthChecker)
 METRICS = web.AppKey("metrics", Metrics)
+ACCESS = web.AppKey("access_log", AccessLog)
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SERVED = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/audio/speech")
@@ -90,15 +92,16 @@ async def edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
         elapsed = time.monotonic() - ctx.t0
         request.app[METRICS].request(ctx.model, status, elapsed, ctx.ttfb, ctx.attempts, ctx.frames_rewritten,
                                      ctx.bad_frames)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(orjson.dumps({
+        alog = request.app[ACCESS]
+        if alog.stream is not None:
+            alog.write({
                 "ts": round(time.time(), 3), "rid": ctx.rid, "method": request.method, "path": request.path,
                 "status": status, "model": ctx.model, "key": ctx.key, "stream": ctx.stream,
                 "replica": ctx.replica, "attempts": ctx.attempts,
                 "ttfb_ms": None if ctx.ttfb is None else round(ctx.ttfb * 1000, 2),
                 "ms": round(elapsed * 1000, 2), "error": ctx.error,
                 "rewritten": ctx.frames_rewritten, "bad_frames": ctx.bad_frames,
-                "peer": request.remote}).decode())
+                "peer": request.remote})
 
 
 def create_app(config: Config) -> web.Application:
@@ -106,6 +109,7 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[TABLE] = build_table(config)
     app[METRICS] = Metrics(app[TABLE])
+    app[ACCESS] = AccessLog(sys.stdout.buffer if config.log.access_log else None)
     app.cleanup_ctx.append(_resources)
 
     async def chat(r: web.Request) -> web.StreamResponse:
@@ -147,6 +151,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         finally:
             await checker.stop()
             await upstream.close()
+            app[ACCESS].close()
     # let the connector's transports close before the loop goes away
     await asyncio.sleep(0)
 

@@ -48,12 +48,13 @@ def _rendezvous(key: str, r: Replica, now: float) -> float:
 
 
 class RetryBudget:
-    """At most ``ratio`` of the requests in the last ``window`` seconds may be retries
-    (never fewer than ``floor`` retries per window, so a quiet proxy still retries)."""
+    """At most ``ratio`` of the requests in the last ``window`` seconds may be retries, but never
+    fewer than ``floor`` retries per window: a quiet proxy must still retry around a failing replica
+    until its breaker opens (breaker.failures), or a single outage would reach the clients."""
 
     __slots__ = ("_reqs", "_retries", "clock", "floor", "ratio", "window")
 
-    def __init__(self, ratio: float, window: float, clock: Callable[[], float], floor: int = 3) -> None:
+    def __init__(self, ratio: float, window: float, clock: Callable[[], float], floor: int = 10) -> None:
         self.ratio = ratio
         self.window = window
         self.floor = floor

@@ -51,11 +51,6 @@ def _setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    access = logging.getLogger("teraproxy.access")
-    out = logging.StreamHandler(sys.stdout)
-    out.setFormatter(logging.Formatter("%(message)s"))
-    access.handlers[:] = [out]
-    access.propagate = False
 
 
 async def _until_signalled() -> None:
@@ -112,9 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(e.problems)
     except StartupError as e:
         return _fail(str(e))
-    _setup_logging(config.log.level if config.log.access_log else "warning")
-    if not config.log.access_log:
-        logging.getLogger("teraproxy.access").setLevel(logging.WARNING)
+    _setup_logging(config.log.level)  # the access log is separate: stdout, log.access_log
     return _run(serve_forever(config))
 
 
@@ -164,7 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     ports = (args.port + 11, args.port + 12)
     raw = {"listen": f"127.0.0.1:{args.port}", "admin_listen": f"127.0.0.1:{args.port + 1}", "auth": "off",
-           "health": {"interval": "2s"},
+           "health": {"interval": "2s"}, "log": {"access_log": False},
            "models": [{"id": DEMO_MODEL, "replicas": [{"url": f"http://127.0.0.1:{p}"} for p in ports]}]}
     config = parse_config(raw)
     _setup_logging("warning")

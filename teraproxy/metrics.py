@@ -40,7 +40,7 @@ class Metrics:
         self.bad_frames = Counter("teraproxy_sse_bad_frames",
                                   "Frames with a reasoning field that were not valid JSON (passed through)",
                                   ["model"], registry=self.registry)
-        self._children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._children: dict[tuple[str, int], tuple[Counter, Histogram, Histogram]] = {}
         self.registry.register(_TableCollector(table))
 
     def request(self, model: str | None, status: int, seconds: float, ttfb: float | None, attempts: int,
@@ -50,11 +50,11 @@ class Metrics:
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = (self.requests.labels(m, _CLASSES.get(status // 100, "other")),
-                                            self.duration.labels(m))
+                                            self.duration.labels(m), self.ttfb.labels(m))
         child[0].inc()
         child[1].observe(seconds)
         if ttfb is not None:
-            self.ttfb.labels(m).observe(ttfb)
+            child[2].observe(ttfb)
         if attempts > 1:
             self.retries.labels(m).inc(attempts - 1)
         if rewritten:

@@ -47,7 +47,6 @@ from teraproxy.errors import (
 from teraproxy.upstreams import ModelPool, Replica
 
 log = logging.getLogger("teraproxy")
-access_log = logging.getLogger("teraproxy.access")
 
 # Never forwarded to a replica: hop-by-hop headers (RFC 9110 §7.6.1), framing we rebuild, the
 # client's credentials, and OpenAI account headers Tera does not accept.

@@ -7,6 +7,7 @@ replica's faults or read its counters directly; CLI tests start real subprocesse
 from __future__ import annotations
 
 import asyncio
+import io
 import socket
 import subprocess
 import sys
@@ -17,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import yaml
 from aiohttp import web
 
-from teraproxy.app import start_servers
+from teraproxy.app import ACCESS, start_servers
 from teraproxy.config import Config, parse_config
 from teraproxy.sim import Faults, Sim, SimOptions, start_sim
 
@@ -105,9 +107,16 @@ class Proxy:
     def __init__(self, config: Config, app: web.Application) -> None:
         self.config = config
         self.app = app
+        self.access = io.BytesIO()
+        if config.log.access_log:  # the real writer, into a buffer the test can read
+            app[ACCESS].stream = self.access
         self.base = f"http://{config.listen}"
         self.v1 = f"{self.base}/v1"
         self.admin = f"http://{config.admin_listen}" if config.admin_listen else None
+
+    def access_lines(self) -> list[dict[str, Any]]:
+        self.app[ACCESS].flush()
+        return [orjson.loads(line) for line in self.access.getvalue().splitlines()]
 
 
 @pytest.fixture

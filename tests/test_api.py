@@ -396,16 +396,29 @@ async def test_access_log_is_json_without_secrets(cluster: Cluster, http: aiohtt
     r = await cluster.replica()
     p = await cluster.proxy([r], auth={"keys": [{"name": "team-a", "sha256": _sha("sk-tera-secret")}]})
     body = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
-    with caplog.at_level(logging.INFO, logger="teraproxy.access"):
+    with caplog.at_level(logging.DEBUG):
         async with http.post(f"{p.v1}/chat/completions", data=body,
                              headers={"Authorization": "Bearer sk-tera-secret", "X-Request-ID": "rid-1"}) as resp:
             await resp.read()
-    lines = [orjson.loads(rec.getMessage()) for rec in caplog.records if rec.name == "teraproxy.access"]
-    assert len(lines) == 1
+        async with http.get(f"{p.v1}/models", headers={"Authorization": "Bearer sk-tera-wrong"}) as resp:
+            await resp.read()
+    lines = p.access_lines()
+    assert len(lines) == 2
     line = lines[0]
     assert line["rid"] == "rid-1" and line["status"] == 200 and line["key"] == "team-a"
     assert line["model"] == MODEL and line["replica"] == r.url and line["attempts"] == 1
-    assert "sk-tera-secret" not in caplog.text
+    assert line["ttfb_ms"] > 0 and line["ms"] >= line["ttfb_ms"] and line["path"] == "/v1/chat/completions"
+    assert lines[1]["status"] == 401 and lines[1]["key"] is None and lines[1]["error"] == "invalid_api_key"
+    written = p.access.getvalue() + caplog.text.encode()
+    assert b"sk-tera-secret" not in written and b"sk-tera-wrong" not in written
+
+
+async def test_access_log_off(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    r = await cluster.replica()
+    p = await cluster.proxy([r], log={"access_log": False})
+    async with http.get(f"{p.v1}/models") as resp:
+        assert resp.status == 200
+    assert p.access_lines() == []
 
 
 async def _raw_post(port: int, body_parts: list[bytes], pause: float, chunked: bool = False) -> bytes:

@@ -285,3 +285,14 @@ async def test_keepalive_comment_is_not_the_commit_point(cluster: Cluster, http:
     replicas(p)[1].in_flight = 0
     assert status == 200 and b'"error"' not in raw and raw.endswith(b"data: [DONE]\n\n")
     assert good.stats.completed == 1 and b"keep-alive" not in raw
+
+
+async def test_retry_budget_bounds_an_outage(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    """Every replica failing: retries stop at the budget (max(10, 20% of requests) per window)."""
+    a, b = await cluster.replica(), await cluster.replica()
+    a.faults.fail_status = b.faults.fail_status = 503
+    p = await cluster.proxy([a, b], breaker={"failures": 1000}, retry={"attempts": 2, "budget": 0.2, "window": "1m"})
+    statuses = [(await post(http, p))[0] for _ in range(30)]
+    assert statuses == [503] * 30
+    sent = a.stats.generation_requests + b.stats.generation_requests
+    assert sent == 30 + 10  # 30 first tries, and only 10 retries (20% of 30 is 6, the floor is 10)

@@ -100,6 +100,6 @@ async def test_bad_reasoning_frame_passes_and_is_counted(cluster: Cluster, caplo
             raw = await resp.read()
     assert bad in raw and b'"reasoning_content":"hm","reasoning":"hm"' in raw
     assert raw.endswith(b"data: [DONE]\n\n")
-    line = next(orjson.loads(r.getMessage()) for r in caplog.records if r.name == "teraproxy.access")
+    (line,) = p.access_lines()
     assert line["bad_frames"] == 1 and line["rewritten"] == 1
     assert any("not valid JSON" in r.getMessage() for r in caplog.records)

@@ -70,11 +70,13 @@ class Cluster:
         self.replicas.append(r)
         return r
 
-    async def raw_upstream(self, handler: Any) -> str:
-        """A one-route upstream (POST /v1/chat/completions) for wire behaviour the sim has no flag for;
-        returns its base URL."""
+    async def raw_upstream(self, handler: Any, more: tuple[tuple[str, str, Any], ...] = ()) -> str:
+        """An upstream with POST /v1/chat/completions (and ``more`` (method, path, handler) routes) for
+        wire behaviour the sim has no flag for; returns its base URL."""
         app = web.Application()
         app.router.add_post("/v1/chat/completions", handler)
+        for method, path, h in more:
+            app.router.add_route(method, path, h)
         runner = web.AppRunner(app)
         await runner.setup()
         self.runners.append(runner)

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from teraproxy.app import TABLE
 from teraproxy.client import Client, UpstreamTimeout
-from tests.conftest import MODEL, Cluster, free_port, wait_for
+from tests.conftest import MODEL, Cluster, wait_for
 
 BODY = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
 
@@ -135,17 +135,9 @@ async def test_health_survives_a_malformed_models_answer(cluster: Cluster) -> No
         await request.read()
         return web.json_response({"choices": []})
 
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/health", health)
-    app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    cluster.runners.append(runner)
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = await cluster.raw_upstream(chat, more=(("GET", "/v1/models", models), ("GET", "/health", health)))
     p = await cluster.proxy(health={"interval": "100ms", "rise": 1},
-                            models=[{"id": MODEL, "replicas": [{"url": f"http://127.0.0.1:{port}"}]}])
+                            models=[{"id": MODEL, "replicas": [{"url": url}]}])
     rep = p.app[TABLE][MODEL].replicas[0]
     await asyncio.sleep(0.4)
     assert not rep.up and "serves no model" in rep.reason

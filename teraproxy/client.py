@@ -183,8 +183,23 @@ class Exchange:
         self.conn.resume()
 
 
+class _Desync(Exception):
+    """Raised from a parser callback to stop parsing a desynchronised connection."""
+
+
 class _Conn(asyncio.Protocol):
-    __slots__ = ("client", "counted", "ex", "idle_since", "lost", "origin", "parser", "paused", "transport")
+    __slots__ = (
+        "client",
+        "counted",
+        "ex",
+        "idle_since",
+        "interim",
+        "lost",
+        "origin",
+        "parser",
+        "paused",
+        "transport",
+    )
 
     def __init__(self, origin: Origin, client: Client) -> None:
         self.origin = origin
@@ -196,6 +211,7 @@ class _Conn(asyncio.Protocol):
         self.paused = False
         self.idle_since = 0.0
         self.counted = True  # holds one of the client's connection slots until closed
+        self.interim = False  # inside a 1xx answer
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -242,19 +258,30 @@ class _Conn(asyncio.Protocol):
         if self.ex is not None and self.ex.complete:  # bytes after a complete answer: desynchronised
             self.ex.keep_alive = False
             self.abort()
+            raise _Desync  # stops the parser: nothing more may touch the finished exchange
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.ex.headers.append((name, value))  # type: ignore[union-attr]
 
     def on_headers_complete(self) -> None:
-        self.ex._headers_complete(self.parser.get_status_code())  # type: ignore[union-attr]
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:  # an interim answer (100 Continue, 103 Early Hints): wait for the real one
+            self.interim = True
+            self.ex.headers.clear()  # type: ignore[union-attr]
+            return
+        self.ex._headers_complete(status)  # type: ignore[union-attr]
 
     def on_body(self, body: bytes) -> None:
+        if self.interim:
+            return
         ex: Exchange = self.ex  # type: ignore[assignment]
         ex.last_data = ex.loop.time()
         ex.on_body(body)
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
         self.ex._message_complete(self.parser.should_keep_alive())  # type: ignore[union-attr]
 
     # control
@@ -360,6 +387,8 @@ class Client:
                 async with asyncio.timeout_at(deadline):
                     await fut
             except TimeoutError:
+                if fut.done() and not fut.cancelled():
+                    self._wake_next()  # woken in the same turn the deadline passed: pass it on
                 raise UpstreamTimeout(f"all {self.limit} upstream connections busy "
                                       f"(upstream.max_connections) for {self.connect_timeout:g}s") from None
             except asyncio.CancelledError:
@@ -401,20 +430,28 @@ class Client:
         """A new connection; the caller made sure a slot is free (it is taken here, synchronously)."""
         self.open += 1
         host, port, tls = origin
+        made: list[_Conn] = []
+
+        def factory() -> _Conn:
+            made.append(_Conn(origin, self))
+            return made[0]
+
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Conn(origin, self), host, port,
-                                                       ssl=self._tls_context() if tls else None)
-        except TimeoutError:
-            self._freed()
-            raise UpstreamTimeout(f"connect timed out after {self.connect_timeout:g}s") from None
-        except OSError as e:
-            self._freed()
-            raise UpstreamFailure(f"cannot connect: {e.strerror or e}") from None
-        except BaseException:
-            self._freed()
+                await loop.create_connection(factory, host, port, ssl=self._tls_context() if tls else None)
+        except BaseException as e:
+            # the slot goes back exactly once: through the protocol if one was made (its
+            # connection_lost may already have closed it), directly otherwise
+            if made:
+                self._close(made[0])
+            else:
+                self._freed()
+            if isinstance(e, TimeoutError):
+                raise UpstreamTimeout(f"connect timed out after {self.connect_timeout:g}s") from None
+            if isinstance(e, OSError):
+                raise UpstreamFailure(f"cannot connect: {e.strerror or e}") from None
             raise
-        return conn
+        return made[0]
 
     def _tls_context(self) -> ssl_mod.SSLContext:
         if self._ssl is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Any
 
 import aiohttp
 import orjson
@@ -154,7 +155,7 @@ async def test_bytes_after_a_complete_answer_are_not_pooled(cluster: Cluster, ht
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         seen.append(1)
         while await reader.read(65536):
-            writer.write(one + b"HTTP/1.1 200 OK\r\nContent-Le")  # the tail of a second, broken answer
+            writer.write(one + b"HTTP/1.1 500 Oops\r\nContent-Length: 4\r\n\r\nboom")  # a stray second answer
             await writer.drain()
         writer.close()
 
@@ -163,8 +164,110 @@ async def test_bytes_after_a_complete_answer_are_not_pooled(cluster: Cluster, ht
     try:
         p = await cluster.proxy(models=[{"id": MODEL, "replicas": [{"url": f"http://127.0.0.1:{port}"}]}])
         for _ in range(3):
-            assert await _post(http, f"{p.v1}/chat/completions") == 200
+            async with http.post(f"{p.v1}/chat/completions", data=BODY) as resp:
+                assert resp.status == 200 and await resp.read() == answer  # the stray answer touched nothing
         assert len(seen) == 3  # a fresh connection each time: the desynchronised one was not reused
     finally:
         srv.close()
         await srv.wait_closed()
+
+
+async def test_interim_1xx_answer_is_skipped(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    answer = b'{"choices":[]}'
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n"
+                     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(answer), answer))
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+        p = await cluster.proxy(models=[{"id": MODEL, "replicas": [{"url": url}]}])
+        async with http.post(f"{p.v1}/chat/completions", data=BODY) as resp:
+            assert resp.status == 200 and await resp.read() == answer and "Link" not in resp.headers
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+async def _holding_server() -> tuple[asyncio.Server, list[asyncio.StreamWriter]]:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read(1)
+
+    return await asyncio.start_server(hold, "127.0.0.1", 0), accepted
+
+
+async def _close_server(srv: asyncio.Server, accepted: list[asyncio.StreamWriter]) -> None:
+    srv.close()
+    for w in accepted:
+        w.close()
+        await w.wait_closed()
+    await srv.wait_closed()
+
+
+async def test_wakeup_in_the_same_turn_as_a_deadline_is_passed_on() -> None:
+    import time
+
+    srv, accepted = await _holding_server()
+    origin = ("127.0.0.1", srv.sockets[0].getsockname()[1], False)
+    loop = asyncio.get_running_loop()
+    c = Client(limit=1, keepalive=5, connect_timeout=0.5)
+    try:
+        held, _ = await c._acquire(origin, loop)
+        t0 = loop.time()
+        a = asyncio.create_task(c._acquire(origin, loop))  # deadline t0 + 0.5
+        await asyncio.sleep(0.1)
+        b = asyncio.create_task(c._acquire(origin, loop))  # deadline t0 + 0.6
+        await asyncio.sleep(0)
+        # a busy loop spans a's deadline; the slot is freed just before it, in the same turn
+        loop.call_at(t0 + 0.45, time.sleep, 0.1)
+        loop.call_at(t0 + 0.49, c._close, held)
+        await asyncio.gather(a, return_exceptions=True)
+        conn, _ = await b  # b must get the free slot, not time out beside it
+        c._close(conn)
+        assert c.open == 0
+    finally:
+        await c.close()
+        await _close_server(srv, accepted)
+
+
+async def test_cancelled_connect_frees_its_slot_once(monkeypatch: Any) -> None:
+    from teraproxy import client as client_mod
+
+    srv, accepted = await _holding_server()
+    origin = ("127.0.0.1", srv.sockets[0].getsockname()[1], False)
+    loop = asyncio.get_running_loop()
+    c = Client(limit=1, keepalive=5, connect_timeout=1)
+    victim: list[asyncio.Task[Any]] = []
+    original = client_mod._Conn.connection_made
+
+    def made(self: Any, transport: Any) -> None:  # timing only: cancel in the turn the socket connects
+        original(self, transport)
+        if victim and not victim[0].done():
+            victim[0].cancel()
+
+    try:
+        monkeypatch.setattr(client_mod._Conn, "connection_made", made)
+        victim.append(asyncio.create_task(c._connect(origin, loop)))
+        await asyncio.gather(victim[0], return_exceptions=True)
+        monkeypatch.undo()
+        await asyncio.sleep(0.05)
+        assert c.open == 0  # freed once, not twice
+        conn, _ = await c._acquire(origin, loop)
+        assert c.open == 1
+        try:  # and the limit still holds
+            await c._acquire(origin, loop)
+            raise AssertionError("a second connection beyond the limit")
+        except UpstreamTimeout:
+            pass
+        c._close(conn)
+    finally:
+        await c.close()
+        await _close_server(srv, accepted)

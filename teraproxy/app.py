@@ -85,7 +85,7 @@ async def edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
             if ctx.committed:
                 raise  # the answer has begun: aiohttp closes the connection, the client sees a cut
             resp = _error_response(ProxyError("Internal error in the gateway; it has been logged."), ctx.rid)
-        status = resp.status
+        status = 499 if ctx.client_gone else resp.status
         return resp
     finally:
         ctx.status = status

@@ -78,6 +78,7 @@ class Timeouts:
     # client connection idle between requests; also the deadline for a request's headers,
     # counted from connect or from the previous response (aiohttp does not re-arm it on data)
     keepalive: float = 30.0
+    client_stall: float = 60.0  # a client that reads nothing of a stream for this long is disconnected
 
 
 @dataclass(frozen=True)
@@ -404,7 +405,8 @@ def parse_config(raw: Any) -> Config:
         limits=_section(r, raw, "limits", Limits,
                         {"max_body": _positive(parse_size), "body_read": pdur}),
         timeouts=_section(r, raw, "timeouts", Timeouts,
-                          {"connect": pdur, "headers": pdur, "idle": pdur, "keepalive": pdur}),
+                          {"connect": pdur, "headers": pdur, "idle": pdur, "keepalive": pdur,
+                           "client_stall": pdur}),
         upstream=_section(r, raw, "upstream", UpstreamPool, {"max_connections": pint, "keepalive": pdur}),
         health=_section(r, raw, "health", HealthConfig, {
             "enabled": _bool, "path": _path, "interval": pdur, "timeout": pdur, "fall": pint,

@@ -76,6 +76,7 @@ class Ctx:
     __slots__ = (
         "attempts",
         "bad_frames",
+        "client_gone",
         "committed",
         "error",
         "frames_rewritten",
@@ -105,6 +106,7 @@ class Ctx:
         self.frames_rewritten = 0
         self.bad_frames = 0
         self.committed = False  # the status line went out: no other answer is possible
+        self.client_gone = False  # the client disconnected or stalled mid-answer (logged as 499)
         self.grant = ALLOWED  # what the replica's breaker granted the current attempt
         self.late_failure = False  # the replica failed after the response was committed
 
@@ -387,8 +389,9 @@ class Proxy:
         replica.breaker.record(True, ctx.grant)  # a half-open probe is judged here, at the commit
         ctx.grant = ALLOWED  # from now on this request is an ordinary one
         sink = await self._pump(request, resp, ex, relay.feed, pending)
-        if sink.transport.is_closing():  # the client left as the answer ended: not the replica's fault
-            raise ConnectionResetError("client went away")
+        if sink.transport.is_closing():  # the client left (or stalled): not the replica's fault
+            ctx.client_gone = True
+            return resp  # aiohttp's own write_eof on the closed transport is a quiet ConnectionError
         if ex.error is None:
             sink.write(relay.flush())
             if not sink.ended_with(_DONE_TAIL):
@@ -415,7 +418,10 @@ class Proxy:
         await resp.prepare(request)
         ctx.committed = True
         ctx.ttfb = time.monotonic() - ctx.t0
-        await self._pump(request, resp, ex, _same, ex.take_body())
+        sink = await self._pump(request, resp, ex, _same, ex.take_body())
+        if sink.transport.is_closing():
+            ctx.client_gone = True
+            return resp
         if ex.error is not None:
             self._late_failure(ctx, replica, f"replica broke the body after the response began ({ex.error})")
             # no way to signal an error inside a binary body: cut the connection so the
@@ -453,7 +459,17 @@ class Proxy:
         ex.on_body = after_commit
         while not ex.complete and ex.error is None:
             if ex.conn.paused:
-                await request.writer.drain()
+                try:
+                    async with asyncio.timeout(self.config.timeouts.client_stall):
+                        await request.writer.drain()
+                except TimeoutError:
+                    # the client stopped reading: the paused replica is holding a GPU slot for it
+                    log.warning("client stopped reading for %gs; closing %s", self.config.timeouts.client_stall,
+                                request[CTX].rid)
+                    transport.abort()
+                    return sink
+                except ConnectionError:
+                    return sink  # the client went away while we waited for it
                 ex.resume()
             await ex.wait()
         return sink

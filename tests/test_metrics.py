@@ -8,6 +8,7 @@ import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from teraproxy.app import TABLE
 from tests.conftest import MODEL, Cluster
 
 BODY = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
@@ -26,9 +27,11 @@ async def test_metrics_follow_traffic(cluster: Cluster, http: aiohttp.ClientSess
     bad.faults.fail_status = 503
     p = await cluster.proxy([bad, good], auth={"keys": [{"name": "team-secret-name", "sha256": "ab" * 32}]})
     p2 = await cluster.proxy([bad, good])  # open access, to send traffic
+    p2.app[TABLE][MODEL].replicas[1].in_flight = 1000  # first attempts go to the failing replica
     for _ in range(6):
         async with http.post(f"{p2.v1}/chat/completions", data=BODY) as resp:
             assert resp.status == 200
+    p2.app[TABLE][MODEL].replicas[1].in_flight = 0
     stream = orjson.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "x"}]})
     async with http.post(f"{p2.v1}/chat/completions", data=stream) as resp:
         await resp.read()
@@ -47,7 +50,8 @@ async def test_metrics_follow_traffic(cluster: Cluster, http: aiohttp.ClientSess
     assert m[("teraproxy_request_duration_seconds_count", (("model", MODEL),))] == 7
     assert m[("teraproxy_time_to_first_byte_seconds_count", (("model", MODEL),))] == 7
     retries = m[("teraproxy_retries_total", (("model", MODEL),))]
-    assert retries == bad.stats.generation_requests >= 1  # every try of the failing replica was retried
+    # every try of the failing replica was retried, until its breaker opened after 5 failures
+    assert retries == bad.stats.generation_requests == 5
     assert m[("teraproxy_reasoning_frames_rewritten_total", (("model", MODEL),))] >= 1
     for url, up in ((bad.url, 1.0), (good.url, 1.0)):
         assert m[("teraproxy_replica_up", (("model", MODEL), ("replica", url)))] == up

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 
 from teraproxy.app import TABLE
@@ -271,3 +273,25 @@ async def test_cancelled_connect_frees_its_slot_once(monkeypatch: Any) -> None:
     finally:
         await c.close()
         await _close_server(srv, accepted)
+
+
+async def test_stalled_client_is_disconnected_and_replica_freed(cluster: Cluster,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A client that stops reading for timeouts.client_stall is cut off; the replica is released, not blamed."""
+    r = await cluster.replica(tokens=60000, reasoning_field="none")
+    p = await cluster.proxy([r], timeouts={"client_stall": "700ms"})
+    body = orjson.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.config.listen.port, limit=2**20)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    reader._transport.pause_reading()  # type: ignore[attr-defined]  # and never reads again
+    await wait_for(lambda: r.stats.active == 1, 5)
+    took = await wait_for(lambda: r.stats.active == 0, 5)
+    assert 0.5 < took < 3 and r.stats.cancelled == 1 and r.stats.completed == 0
+    rep = p.app[TABLE][MODEL].replicas[0]
+    assert rep.failures == 0 and rep.breaker.state == "closed" and rep.in_flight == 0
+    assert [line["status"] for line in p.access_lines()] == [499]
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]  # a stalled client is no error
+    writer.close()
+    await writer.wait_closed()

@@ -31,7 +31,6 @@ from teraproxy.upstreams import ModelPool, build_table
 CONFIG = web.AppKey("config", Config)
 TABLE = web.AppKey("table", dict[str, ModelPool])
 PROXY = web.AppKey("proxy", Proxy)
-HEALTH = web.AppKey("health", HealthChecker)
 METRICS = web.AppKey("metrics", Metrics)
 ACCESS = web.AppKey("access_log", AccessLog)
 
@@ -88,7 +87,6 @@ async def edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
         status = 499 if ctx.client_gone else resp.status
         return resp
     finally:
-        ctx.status = status
         elapsed = time.monotonic() - ctx.t0
         request.app[METRICS].request(ctx.model, status, elapsed, ctx.ttfb, ctx.attempts, ctx.frames_rewritten,
                                      ctx.bad_frames)
@@ -110,47 +108,31 @@ def create_app(config: Config) -> web.Application:
     app[TABLE] = build_table(config)
     app[METRICS] = Metrics(app[TABLE])
     app[ACCESS] = AccessLog(sys.stdout.buffer if config.log.access_log else None)
+    # built here, not in cleanup_ctx: neither needs a running loop, and the routes bind its methods
+    upstream = Client(config.upstream.max_connections, config.upstream.keepalive, config.timeouts.connect)
+    proxy = app[PROXY] = Proxy(config, app[TABLE], KeyTable(config.auth), upstream)
     app.cleanup_ctx.append(_resources)
-
-    async def chat(r: web.Request) -> web.StreamResponse:
-        return await r.app[PROXY].chat(r)
-
-    async def completions(r: web.Request) -> web.StreamResponse:
-        return await r.app[PROXY].completions(r)
-
-    async def speech(r: web.Request) -> web.StreamResponse:
-        return await r.app[PROXY].speech(r)
-
-    async def models(r: web.Request) -> web.StreamResponse:
-        return await r.app[PROXY].list_models(r)
-
-    async def model(r: web.Request) -> web.StreamResponse:
-        return await r.app[PROXY].get_model(r)
-
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/audio/speech", speech)
-    app.router.add_get("/v1/models", models, allow_head=False)
-    app.router.add_get("/v1/models/{model:.+}", model, allow_head=False)
+    app.router.add_post("/v1/chat/completions", proxy.chat)
+    app.router.add_post("/v1/completions", proxy.completions)
+    app.router.add_post("/v1/audio/speech", proxy.speech)
+    app.router.add_get("/v1/models", proxy.list_models, allow_head=False)
+    app.router.add_get("/v1/models/{model:.+}", proxy.get_model, allow_head=False)
     return app
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     connector = aiohttp.TCPConnector(limit=64, keepalive_timeout=config.upstream.keepalive, ttl_dns_cache=60)
-    upstream = Client(config.upstream.max_connections, config.upstream.keepalive, config.timeouts.connect)
     # health checks are a few requests a second: aiohttp's client is fine there
     async with aiohttp.ClientSession(connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
                                      skip_auto_headers=("User-Agent",)) as session:
-        app[PROXY] = Proxy(config, app[TABLE], KeyTable(config.auth), upstream)
         checker = HealthChecker(config, app[TABLE], session)
-        app[HEALTH] = checker
         checker.start()
         try:
             yield
         finally:
             await checker.stop()
-            await upstream.close()
+            await app[PROXY].client.close()
             app[ACCESS].close()
     # let the connector's transports close before the loop goes away
     await asyncio.sleep(0)

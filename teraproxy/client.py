@@ -171,9 +171,9 @@ class Exchange:
         return data[:limit] if limit is not None else data
 
     def take_body(self) -> list[bytes]:
-        """Body chunks received so far (before a consumer set ``on_body``); the list is handed over."""
-        chunks, self._chunks = self._chunks, []
-        return chunks
+        """The list holding the body received so far. It keeps receiving chunks until ``on_body`` is
+        replaced, so a consumer that awaits while draining it loses nothing."""
+        return self._chunks
 
     def pause(self) -> None:
         self.conn.pause()

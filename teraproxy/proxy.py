@@ -86,7 +86,6 @@ class Ctx:
         "model",
         "replica",
         "rid",
-        "status",
         "stream",
         "t0",
         "ttfb",
@@ -98,7 +97,6 @@ class Ctx:
         self.model: str | None = None
         self.replica: str | None = None
         self.attempts = 0
-        self.status = 0
         self.stream = False
         self.t0 = time.monotonic()
         self.ttfb: float | None = None
@@ -229,7 +227,7 @@ class Proxy:
             user = payload.get("user")
             affinity = request.headers.get("X-Session-ID") or (user if isinstance(user, str) else None)
         headers = self._upstream_headers(request, ctx.rid)
-        mode = "sse" if stream and path != "/v1/audio/speech" else ("bytes" if path == "/v1/audio/speech" else "full")
+        mode = "bytes" if path == "/v1/audio/speech" else "sse" if stream else "full"
         return await self._forward(request, ctx, pool, path, body, headers, mode, chat, affinity)
 
     @staticmethod
@@ -238,7 +236,7 @@ class Proxy:
         connection = request.headers.get("Connection")
         named = {h.strip().lower().encode() for h in connection.split(",")} if connection else ()
         parts = [k + b": " + v + b"\r\n" for k, v in request.raw_headers
-                 if k.lower() not in _DROP_REQUEST and k.lower() not in named]
+                 if (lk := k.lower()) not in _DROP_REQUEST and lk not in named]
         parts.append(b"X-Request-ID: " + rid.encode("latin-1") + b"\r\n")
         peer = request.remote
         if peer:
@@ -301,10 +299,8 @@ class Proxy:
         try:
             ex = await self.client.request(replica.origin, head, body,
                                            t.headers if mode == "full" else t.idle, t.idle)
-        except client.UpstreamTimeout as e:
-            raise _AttemptFailed(UpstreamTimeout(f"Replica {replica.url} did not answer in time ({e}).")) from None
         except client.UpstreamFailure as e:
-            raise _AttemptFailed(UpstreamError(f"Replica {replica.url} is unreachable: {e}")) from None
+            raise _failed(replica, "did not answer", e) from None
         try:
             status = ex.status
             if status >= 400:
@@ -333,10 +329,8 @@ class Proxy:
     async def _read(self, ex: client.Exchange, replica: Replica, limit: int | None = None) -> bytes:
         try:
             return await ex.read_all(limit)
-        except client.UpstreamTimeout:
-            raise _AttemptFailed(UpstreamTimeout(f"Replica {replica.url} timed out mid-answer.")) from None
         except client.UpstreamFailure as e:
-            raise _AttemptFailed(UpstreamError(f"Replica {replica.url} broke its answer: {e}")) from None
+            raise _failed(replica, "broke its answer", e) from None
 
     def _replica_error(self, request: web.Request, status: int, data: bytes) -> web.Response:
         return web.Response(status=status, body=normalise_upstream_error(status, data),
@@ -374,8 +368,7 @@ class Proxy:
         # Before the commit point: wait for the first complete event; failures are retryable.
         while not has_event:
             if ex.error is not None:
-                err = UpstreamTimeout if isinstance(ex.error, client.UpstreamTimeout) else UpstreamError
-                raise _AttemptFailed(err(f"Replica {replica.url} failed before its first event: {ex.error}"))
+                raise _failed(replica, "failed before its first event", ex.error)
             if ex.complete:
                 raise _AttemptFailed(UpstreamError(
                     f"Replica {replica.url} closed the stream before its first event."))
@@ -397,12 +390,12 @@ class Proxy:
             if not sink.ended_with(_DONE_TAIL):
                 ex.error = client.UpstreamFailure("stream ended without data: [DONE]", got_bytes=True)
         if ex.error is not None:
-            why = "went silent" if isinstance(ex.error, client.UpstreamTimeout) else f"broke the stream ({ex.error})"
+            err = _error_class(ex.error)
+            why = "went silent" if err is UpstreamTimeout else f"broke the stream ({ex.error})"
             self._late_failure(ctx, replica, f"replica {why} after the response began")
-            code = "gateway_timeout" if isinstance(ex.error, client.UpstreamTimeout) else "bad_gateway"
             sink.write(b"data: " + error_body(
                 f"The model replica {why} after the response began; the answer is incomplete.",
-                "server_error", code) + b"\n\ndata: [DONE]\n\n")
+                err.type, err.code) + b"\n\ndata: [DONE]\n\n")
         ctx.frames_rewritten = relay.rewritten
         ctx.bad_frames = relay.bad_frames
         if relay.bad_frames:
@@ -441,12 +434,16 @@ class Proxy:
         if transport is None or transport.is_closing():
             raise asyncio.CancelledError  # the client is gone; handler cancellation is on its way
         sink = _Sink(transport, request.writer.chunked)  # type: ignore[attr-defined]
-        # the first write goes through aiohttp: it flushes the status line and headers it buffered
-        while first:
-            chunk = b"".join(first)
-            first.clear()
-            await resp.write(chunk)
-            sink.prev, sink.last = sink.last, chunk
+        # The first write goes through aiohttp: it flushes the status line and headers it buffered.
+        # ``first`` keeps receiving body chunks while we await, until on_body is replaced below.
+        try:
+            while first:
+                chunk = b"".join(first)
+                first.clear()
+                await resp.write(chunk)
+                sink.sent(chunk)
+        except ConnectionError:
+            return sink  # the client went away: the caller sees a closing transport
 
         def after_commit(data: bytes) -> None:
             out = feed(data)
@@ -501,6 +498,9 @@ class _Sink:
             self.transport.writelines((b"%x\r\n" % len(out), out, b"\r\n"))
         else:
             self.transport.write(out)
+        self.sent(out)
+
+    def sent(self, out: bytes) -> None:
         self.prev, self.last = self.last, out
 
     def full(self) -> bool:
@@ -514,9 +514,13 @@ def _same(data: bytes) -> bytes:
     return data
 
 
-def _why(e: BaseException) -> str:
-    text = str(e) or type(e).__name__
-    return text if len(text) < 200 else text[:200] + "..."
+def _error_class(e: client.UpstreamFailure) -> type[ProxyError]:
+    return UpstreamTimeout if isinstance(e, client.UpstreamTimeout) else UpstreamError
+
+
+def _failed(replica: Replica, what: str, e: client.UpstreamFailure) -> _AttemptFailed:
+    """A failed attempt that counts against the replica: 504 for a timeout, 502 for anything else."""
+    return _AttemptFailed(_error_class(e)(f"Replica {replica.url} {what}: {e}"))
 
 
 def _is_bare_unauthorized(data: bytes) -> bool:

@@ -144,6 +144,18 @@ async def openai_client(proxy: Proxy, key: str = "sk-test", **kw: Any) -> AsyncI
         yield client
 
 
+async def paused_stream(proxy: Proxy) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw streamed chat request from a client with a small receive buffer that has stopped reading;
+    resume with ``reader._transport.resume_reading()``."""
+    body = orjson.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.config.listen.port, limit=2**20)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    reader._transport.pause_reading()  # type: ignore[attr-defined]
+    return reader, writer
+
+
 async def wait_for(pred: Any, timeout: float = 5.0, step: float = 0.02) -> float:  # noqa: ASYNC109
     """Poll until pred() is true; returns the seconds it took. Fails the test on timeout."""
     t0 = time.monotonic()

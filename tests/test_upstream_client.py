@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from typing import Any
 
 import aiohttp
@@ -14,7 +13,7 @@ from aiohttp import web
 
 from teraproxy.app import TABLE
 from teraproxy.client import Client, UpstreamTimeout
-from tests.conftest import MODEL, Cluster, wait_for
+from tests.conftest import MODEL, Cluster, paused_stream, wait_for
 
 BODY = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
 
@@ -82,12 +81,7 @@ async def test_pool_wait_is_bounded_and_wakeups_are_not_lost() -> None:
 async def test_slow_client_is_not_blamed_on_the_replica(cluster: Cluster) -> None:
     r = await cluster.replica(tokens=60000, reasoning_field="none")
     p = await cluster.proxy([r], timeouts={"idle": "1s"})
-    body = orjson.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
-    reader, writer = await asyncio.open_connection("127.0.0.1", p.config.listen.port, limit=2**20)
-    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: "
-                 + str(len(body)).encode() + b"\r\n\r\n" + body)
-    reader._transport.pause_reading()  # type: ignore[attr-defined]  # stalls longer than timeouts.idle
+    reader, writer = await paused_stream(p)  # stalls longer than timeouts.idle
     await asyncio.sleep(2.5)
     reader._transport.resume_reading()  # type: ignore[attr-defined]
     raw = await asyncio.wait_for(reader.read(), 30)
@@ -280,12 +274,7 @@ async def test_stalled_client_is_disconnected_and_replica_freed(cluster: Cluster
     """A client that stops reading for timeouts.client_stall is cut off; the replica is released, not blamed."""
     r = await cluster.replica(tokens=60000, reasoning_field="none")
     p = await cluster.proxy([r], timeouts={"client_stall": "700ms"})
-    body = orjson.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
-    reader, writer = await asyncio.open_connection("127.0.0.1", p.config.listen.port, limit=2**20)
-    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: "
-                 + str(len(body)).encode() + b"\r\n\r\n" + body)
-    reader._transport.pause_reading()  # type: ignore[attr-defined]  # and never reads again
+    _, writer = await paused_stream(p)  # and never reads again
     await wait_for(lambda: r.stats.active == 1, 5)
     took = await wait_for(lambda: r.stats.active == 0, 5)
     assert 0.5 < took < 3 and r.stats.cancelled == 1 and r.stats.completed == 0
@@ -295,3 +284,33 @@ async def test_stalled_client_is_disconnected_and_replica_freed(cluster: Cluster
     assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]  # a stalled client is no error
     writer.close()
     await writer.wait_closed()
+
+
+async def test_take_body_keeps_receiving_until_on_body_is_replaced() -> None:
+    """The relays drain take_body() across awaits (the first write to a slow client can wait):
+    bytes that arrive meanwhile must land in that same list, or they would be lost."""
+    go = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        await go.wait()
+        writer.write(b"cd")
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    c = Client(limit=4, keepalive=5, connect_timeout=1)
+    try:
+        origin = ("127.0.0.1", srv.sockets[0].getsockname()[1], False)
+        ex = await c.request(origin, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b"", 5, 5)
+        first = ex.take_body()
+        go.set()
+        while not ex.complete:
+            await ex.wait()
+        assert b"".join(first) == b"abcd"
+        c.release(ex)
+    finally:
+        await c.close()
+        srv.close()
+        await srv.wait_closed()

@@ -89,7 +89,7 @@ def test_compare_quick(tmp_path: Path) -> None:
             assert m["errors"] == 0, (sc, v, doc["measurements"])
         for v in ("teraproxy", "teraproxy_rw") + (("nginx",) if _have_nginx() else ()):
             m = med[sc][v]
-            assert m["proxy_cpu_pct"] is not None and m["proxy_cpu_pct"] >= 0
+            assert m["proxy_cpu_pct"] is not None and m["proxy_cpu_pct"] > 0  # a second of load: never 0
             assert m["proxy_peak_rss_mib"] is not None and m["proxy_peak_rss_mib"] > 0
     assert med["S1"]["teraproxy"]["requests_per_s"] > 0
     assert med["S1"]["teraproxy"]["proxy_cpu_us_per_request"] is not None

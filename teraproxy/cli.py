@@ -92,11 +92,11 @@ def _run(coro: Awaitable[None]) -> int:
     return 0
 
 
-def _load(path: str | None) -> Config:
+def _load(path: str | None, warnings: list[str] | None = None) -> Config:
     path = path or os.environ.get("TERAPROXY_CONFIG")
     if not path:
         raise ConfigError(["--config: missing (or set TERAPROXY_CONFIG)"])
-    return load_config(path)
+    return load_config(path, warnings)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -112,10 +112,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    # `check` validates the file; what only the serving host's environment can supply (api_key_env
+    # variables, e.g. from a systemd EnvironmentFile) is a warning here and an error for `serve`.
+    warnings: list[str] = []
     try:
-        config = _load(args.config)
+        config = _load(args.config, warnings)
     except ConfigError as e:
         return _fail(e.problems)
+    for w in warnings:
+        print(f"teraproxy: warning: {w} (serve will refuse to start without it)", file=sys.stderr)
     n = sum(len(m.replicas) for m in config.models)
     print(f"ok: {len(config.models)} model(s), {n} replica(s), listen {config.listen}, "
           f"auth {'on' if config.auth.enabled else 'off'}")

@@ -180,13 +180,23 @@ def parse_listen(v: Any) -> Listen:
 
 
 class _Reader:
-    """Walks a raw YAML tree, collecting every problem with its key path."""
+    """Walks a raw YAML tree, collecting every problem with its key path.
 
-    def __init__(self) -> None:
+    ``warnings``: where problems of the environment rather than of the file go (an unset
+    ``api_key_env`` variable) when only the file is being checked; None makes them errors."""
+
+    def __init__(self, warnings: list[str] | None = None) -> None:
         self.problems: list[str] = []
+        self.warnings = warnings
 
     def fail(self, path: str, msg: str) -> None:
         self.problems.append(f"{path}: {msg}")
+
+    def fail_env(self, path: str, msg: str) -> None:
+        if self.warnings is None:
+            self.fail(path, msg)
+        else:
+            self.warnings.append(f"{path}: {msg}")
 
     def mapping(self, raw: Any, path: str, allowed: set[str]) -> dict[str, Any]:
         if raw is None:
@@ -322,18 +332,32 @@ def _replica(r: _Reader, raw: Any, p: str) -> ReplicaConfig | None:
     if api_key is not None and not isinstance(api_key, str):
         r.fail(f"{p}.api_key", "must be a string")
         api_key = None
+    elif api_key is not None and not _header_safe(api_key):
+        r.fail(f"{p}.api_key", _HEADER_SAFE)
+        api_key = None
     env = d.get("api_key_env")
     if env is not None:
-        if api_key is not None:
+        if d.get("api_key") is not None:
             r.fail(f"{p}.api_key_env", "give api_key or api_key_env, not both")
-        elif not isinstance(env, str) or env not in os.environ:
-            r.fail(f"{p}.api_key_env", f"environment variable {env!r} is not set")
+        elif not isinstance(env, str) or not env:
+            r.fail(f"{p}.api_key_env", "must be the name of an environment variable")
+        elif env not in os.environ:
+            r.fail_env(f"{p}.api_key_env", f"environment variable {env!r} is not set")
+        elif not _header_safe(os.environ[env]):
+            r.fail(f"{p}.api_key_env", f"environment variable {env!r}: {_HEADER_SAFE}")
         else:
             api_key = os.environ[env]
-    if api_key is not None and (not api_key or not api_key.isprintable()):
-        r.fail(f"{p}.api_key", "must be a non-empty string without control characters")  # it goes in a header
-        api_key = None
     return ReplicaConfig(url, weight, api_key) if url else None
+
+
+# A replica's key goes into an Authorization header, which is encoded as Latin-1 by our client and
+# as UTF-8 by aiohttp's (health checks): only printable ASCII is the same bytes in both, and it is
+# what vLLM's --api-key compares against. The key itself is never echoed in the message.
+_HEADER_SAFE = "must be a non-empty string of printable ASCII characters (it is sent in an Authorization header)"
+
+
+def _header_safe(v: str) -> bool:
+    return bool(v) and v.isascii() and v.isprintable() and v == v.strip()
 
 
 def _models(r: _Reader, raw: dict[str, Any], default_emit: str) -> tuple[ModelConfig, ...]:
@@ -381,8 +405,10 @@ def _reasoning_emit(v: Any) -> str:
     return str(_choice(EMITS)(v))
 
 
-def parse_config(raw: Any) -> Config:
-    r = _Reader()
+def parse_config(raw: Any, warnings: list[str] | None = None) -> Config:
+    """Validate a raw YAML tree. With ``warnings`` (``teraproxy check``), problems of this machine's
+    environment rather than of the file are appended there instead of failing."""
+    r = _Reader(warnings)
     top = {"listen", "admin_listen", "auth", "models", "limits", "timeouts", "upstream",
            "health", "breaker", "retry", "log", "reasoning"}
     if not isinstance(raw, dict):
@@ -435,7 +461,7 @@ def _fraction(v: Any) -> float:
     return float(v)
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(path: str | os.PathLike[str], warnings: list[str] | None = None) -> Config:
     """Read and validate a config file; every failure is a ConfigError with one line per problem."""
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -448,4 +474,4 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise ConfigError([f"{path}: invalid YAML{where}: {problem}"]) from None
-    return parse_config(raw)
+    return parse_config(raw, warnings)

@@ -61,7 +61,7 @@ def test_auth_must_be_written_down() -> None:
      "models[1].id: duplicate model id"),
     ({"health": {"fall": 0}}, "health.fall: must be an integer >= 1"),
     ({"models": [{"id": "a", "replicas": [{"url": "http://x:1", "api_key": "k\r\nX-Evil: 1"}]}]},
-     "models[0].replicas[0].api_key: must be a non-empty string without control characters"),
+     "models[0].replicas[0].api_key: must be a non-empty string of printable ASCII"),
     ({"retry": {"budget": 2}}, "retry.budget: must be a number between 0 and 1"),
     ({"admin_listen": "127.0.0.1:8080"}, "admin_listen: must differ from listen"),
 ])
@@ -181,12 +181,59 @@ def test_modules_import_alone() -> None:
     assert r.returncode == 0, r.stderr
 
 
-def test_shipped_configs_are_valid() -> None:
+def test_every_shipped_config_checks() -> None:
+    """README promises `teraproxy check --config conf/teraproxy.yaml` passes: on a bare environment too."""
     import os
 
-    for name in ("teraproxy.yaml", "demo.yaml"):
-        r = run_cli("check", "--config", str(ROOT / "conf" / name), env={**os.environ, "VLLM_KEY_B": "k"})
-        assert r.returncode == 0, (name, r.stderr)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    files = sorted((ROOT / "conf").glob("*.y*ml"))
+    assert len(files) >= 2
+    for path in files:
+        r = run_cli("check", "--config", str(path), env=env)
+        assert r.returncode == 0 and r.stdout.startswith("ok:"), (path.name, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+def test_unset_api_key_env_warns_in_check_and_stops_serve(tmp_path: Path) -> None:
+    import os
+
+    raw = {**GOOD, "listen": f"127.0.0.1:{free_port()}",
+           "models": [{"id": MODEL, "replicas": [{"url": "http://127.0.0.1:8001", "api_key_env": "TP_TEST_UNSET"}]}]}
+    cfg = str(write_config(tmp_path / "c.yaml", raw))
+    env = {k: v for k, v in os.environ.items() if k != "TP_TEST_UNSET"}
+    check = run_cli("check", "--config", cfg, env=env)
+    assert check.returncode == 0 and check.stdout.startswith("ok:")
+    assert check.stderr.strip().splitlines() == [
+        "teraproxy: warning: models[0].replicas[0].api_key_env: environment variable 'TP_TEST_UNSET' is not set "
+        "(serve will refuse to start without it)"]
+    serve = run_cli("serve", "--config", cfg, env=env)
+    assert serve.returncode == 2
+    assert serve.stderr.strip().splitlines() == [
+        "teraproxy: models[0].replicas[0].api_key_env: environment variable 'TP_TEST_UNSET' is not set"]
+    ok = run_cli("check", "--config", cfg, env={**env, "TP_TEST_UNSET": "sk-replica"})
+    assert ok.returncode == 0 and ok.stderr == ""
+
+
+@pytest.mark.parametrize("replica, key_path", [
+    ({"api_key": "ключ-реплики"}, "models[0].replicas[0].api_key"),
+    ({"api_key": "caf\u00e9"}, "models[0].replicas[0].api_key"),  # Latin-1, but aiohttp would send UTF-8
+    ({"api_key": "sk-ok\n"}, "models[0].replicas[0].api_key"),
+    ({"api_key_env": "TP_TEST_KEY"}, "models[0].replicas[0].api_key_env"),
+])
+def test_replica_key_not_header_safe_exits_2(tmp_path: Path, replica: dict[str, str], key_path: str) -> None:
+    """A key that cannot go into an Authorization header is a config error, for check and serve alike."""
+    import os
+
+    raw = {**GOOD, "listen": f"127.0.0.1:{free_port()}",
+           "models": [{"id": MODEL, "replicas": [{"url": "http://127.0.0.1:8001", **replica}]}]}
+    cfg = str(write_config(tmp_path / "c.yaml", raw))
+    env = {**os.environ, "TP_TEST_KEY": "ключ"}
+    for cmd in ("check", "serve"):
+        r = run_cli(cmd, "--config", cfg, env=env, timeout=15)
+        assert r.returncode == 2, (cmd, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"teraproxy: {key_path}: "), (cmd, r.stderr)
+        assert "printable ASCII" in lines[0] and "ключ" not in lines[0] and "Traceback" not in r.stderr
 
 
 def test_refuses_pure_python_http_parser(tmp_path: Path) -> None:

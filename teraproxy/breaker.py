@@ -3,7 +3,8 @@
 closed → (``failures`` consecutive failures) → open for ``open_s`` → half-open: exactly one
 probe request is let through; its success closes the breaker, its failure re-opens it for
 twice the last open period, capped at ``max_open_s``. 4xx answers are not failures: the
-caller decides what to record.
+caller decides what to record. ``close()`` is the verdict of a trial run elsewhere (the health
+check's warm-up generation): it closes the breaker whatever its state.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class Breaker:
             return PROBE
         return DENIED
 
+    def trial_in_flight(self) -> bool:
+        """Half-open with its one probe request out: its verdict is due."""
+        return self._probing and self.state == HALF_OPEN
+
     def release(self, grant: int) -> None:
         """The request ended without a verdict (its client went away)."""
         if grant == PROBE:
@@ -82,6 +87,12 @@ class Breaker:
         self._fails += 1
         if self._fails >= self.failures:
             self._trip(self.open_s)
+
+    def close(self) -> None:
+        """The replica passed a trial outside the breaker: closed, failure count cleared. A probe
+        still in flight ends as an ordinary request (its verdict counts like any other)."""
+        self._close()
+        self._probing = False
 
     def _close(self) -> None:
         self._fails = 0

@@ -105,6 +105,7 @@ class BreakerConfig:
     failures: int = 5
     open: float = 10.0
     max_open: float = 300.0
+    trial_wait: float = 30.0  # a request with no other replica waits this long for a half-open trial
 
 
 @dataclass(frozen=True)
@@ -437,7 +438,8 @@ def parse_config(raw: Any, warnings: list[str] | None = None) -> Config:
         health=_section(r, raw, "health", HealthConfig, {
             "enabled": _bool, "path": _path, "interval": pdur, "timeout": pdur, "fall": pint,
             "rise": pint, "check_models": _bool, "warmup": _bool, "slow_start": dur}),
-        breaker=_section(r, raw, "breaker", BreakerConfig, {"failures": pint, "open": pdur, "max_open": pdur}),
+        breaker=_section(r, raw, "breaker", BreakerConfig,
+                         {"failures": pint, "open": pdur, "max_open": pdur, "trial_wait": dur}),
         retry=_section(r, raw, "retry", RetryConfig, {"attempts": pint, "budget": _fraction, "window": pdur}),
         log=_section(r, raw, "log", LogConfig,
                      {"level": _choice(("debug", "info", "warning", "error")), "access_log": _bool}),

@@ -5,6 +5,8 @@ a random fraction of a second so a fleet is not probed in lock-step). A replica 
 ``fall`` consecutive failures and comes up after ``rise`` successes (one at start-up), but only
 once ``GET /v1/models`` shows it serves the model it is configured for and, with ``warmup``, a
 1-token request has completed — so users never pay a cold start (CUDA graph capture) themselves.
+That warm-up is a real generation, so it also counts as the replica's circuit-breaker trial: a
+replica that comes back with a passed warm-up has its breaker closed (see upstreams.Replica).
 Tasks are cancelled and awaited in ``stop()``.
 """
 
@@ -75,7 +77,8 @@ class HealthChecker:
             if not r.up and ok_run >= (self.cfg.rise if ever_up else 1):
                 ok, why = await self._admit(r)
                 if ok:
-                    r.mark_up(time.monotonic(), first=not ever_up)
+                    # the warm-up was a real generation: it passed the breaker's trial too
+                    r.mark_up(time.monotonic(), first=not ever_up, verified=self.cfg.warmup)
                     log.warning("replica %s (%s) is up", r.url, r.model_id)
                     ever_up = True
                 else:

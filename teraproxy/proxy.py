@@ -253,7 +253,7 @@ class Proxy:
         last: _AttemptFailed | None = None
         self.budget.request()
         for attempt in range(self.config.retry.attempts):
-            replica = pick(pool.replicas, tried, self.clock(), self.rng, affinity)
+            replica = await self._pick(pool, tried, affinity)
             if replica is None:
                 break
             if attempt and not self.budget.try_retry():
@@ -281,9 +281,9 @@ class Proxy:
             finally:
                 replica.in_flight -= 1
                 if verdict is None:
-                    replica.breaker.release(ctx.grant)
+                    replica.release(ctx.grant)
                 else:
-                    replica.breaker.record(verdict, ctx.grant)
+                    replica.record(verdict, ctx.grant)
         if last is not None:
             if last.error is not None:
                 raise last.error
@@ -291,6 +291,23 @@ class Proxy:
         wait = max(1, math.ceil(pool.retry_in(self.config.health.interval)))
         raise NoHealthyReplica(f"No healthy replica is available for model '{pool.id}'.",
                                headers={"Retry-After": str(wait)})
+
+    async def _pick(self, pool: ModelPool, tried: list[Replica], affinity: str | None) -> Replica | None:
+        """A replica for the next attempt. When none is available but one is up with its half-open
+        trial in flight, wait (up to ``breaker.trial_wait`` in all) for that trial's verdict instead
+        of failing at once: with one replica per model, failing would be an outage after the outage."""
+        replica = pick(pool.replicas, tried, self.clock(), self.rng, affinity)
+        deadline: float | None = None
+        while replica is None:
+            trial = pool.pending_trial(tried)
+            if trial is None:
+                return None
+            now = time.monotonic()
+            deadline = deadline or now + self.config.breaker.trial_wait
+            if now >= deadline or not await trial.wait_trial(deadline - now):
+                return None
+            replica = pick(pool.replicas, tried, self.clock(), self.rng, affinity)
+        return replica
 
     async def _attempt(self, request: web.Request, ctx: Ctx, pool: ModelPool, replica: Replica, path: str,
                        body: bytes, headers: bytes, mode: str, chat: bool) -> web.StreamResponse:
@@ -379,7 +396,7 @@ class Proxy:
         await resp.prepare(request)  # the commit point
         ctx.committed = True
         ctx.ttfb = time.monotonic() - ctx.t0
-        replica.breaker.record(True, ctx.grant)  # a half-open probe is judged here, at the commit
+        replica.record(True, ctx.grant)  # a half-open probe is judged here, at the commit
         ctx.grant = ALLOWED  # from now on this request is an ordinary one
         sink = await self._pump(request, resp, ex, relay.feed, pending)
         if sink.transport.is_closing():  # the client left (or stalled): not the replica's fault

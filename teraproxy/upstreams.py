@@ -3,15 +3,21 @@
 A Replica holds what the balancer needs on the hot path as plain attributes (in-flight count,
 health, breaker); the table maps a model id to its ModelPool with one dict lookup. Health state
 is written by health.py, breaker state by the proxy; nothing here does I/O.
+
+Breaker and health meet here: a breaker's verdicts go through ``Replica.record``/``release`` so
+that requests waiting for a half-open trial (``wait_trial``) wake the moment it is judged, and a
+replica the health check has just verified with a real generation (``mark_up(verified=True)``)
+has passed the breaker's trial: its breaker closes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from teraproxy.breaker import Breaker
+from teraproxy.breaker import PROBE, Breaker
 from teraproxy.config import Config, ModelConfig, ReplicaConfig
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/audio/speech")
@@ -33,6 +39,7 @@ class Replica:
         "reason",
         "requests",
         "slow_start",
+        "trial",
         "up",
         "up_since",
         "url",
@@ -57,6 +64,7 @@ class Replica:
         self.latency: float | None = None
         self.requests = 0
         self.failures = 0
+        self.trial: asyncio.Event | None = None  # set when the half-open trial in flight is judged
         self.auth_header = f"Bearer {cfg.api_key}" if cfg.api_key else None
         u = urlsplit(cfg.url)
         assert u.hostname is not None and u.port is not None  # config normalised the URL
@@ -77,11 +85,49 @@ class Replica:
             return self.weight
         return self.weight * max(0.1, age / self.slow_start)
 
-    def mark_up(self, now: float, first: bool) -> None:
+    def mark_up(self, now: float, first: bool, verified: bool = False) -> None:
+        """Up again; ``verified``: a real generation (the warm-up) has just succeeded, which is the
+        breaker's trial passed, so the breaker closes (else a recovered replica would answer 503
+        until some client request had been the trial)."""
         self.up = True
         self.reason = "healthy"
         # a replica that is there when the proxy starts takes full weight at once
         self.up_since = -1e18 if first else now
+        if verified:
+            self.breaker.close()
+            self._judged()
+
+    def record(self, ok: bool, grant: int) -> None:
+        """The verdict of a request the breaker granted (see Breaker.record)."""
+        self.breaker.record(ok, grant)
+        if grant == PROBE:
+            self._judged()
+
+    def release(self, grant: int) -> None:
+        """A granted request ended without a verdict (its client went away)."""
+        self.breaker.release(grant)
+        if grant == PROBE:
+            self._judged()
+
+    def trial_pending(self) -> bool:
+        """Up, with a half-open trial in flight: a request may wait for its verdict."""
+        return self.up and self.breaker.trial_in_flight()
+
+    async def wait_trial(self, timeout: float) -> bool:  # noqa: ASYNC109 (the deadline is the caller's)
+        """Wait up to ``timeout`` s for the trial in flight to be judged; False on timeout."""
+        if self.trial is None:
+            self.trial = asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.trial.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _judged(self) -> None:
+        ev, self.trial = self.trial, None
+        if ev is not None:
+            ev.set()
 
     def mark_down(self, reason: str) -> None:
         self.up = False
@@ -112,6 +158,13 @@ class ModelPool:
         self.emit = cfg.reasoning
         self.reasoning_in = cfg.reasoning_in
         self.affinity = cfg.policy == "affinity"
+
+    def pending_trial(self, exclude: list[Replica]) -> Replica | None:
+        """A replica (not in ``exclude``) whose half-open trial is in flight, if any."""
+        for r in self.replicas:
+            if r not in exclude and r.trial_pending():
+                return r
+        return None
 
     def retry_in(self, check_interval: float) -> float:
         """Seconds until the soonest replica of this pool may be tried (for Retry-After): its breaker's

@@ -66,6 +66,23 @@ def test_only_the_probe_decides_half_open() -> None:
     assert b.state == CLOSED
 
 
+def test_close_is_a_trial_passed_elsewhere() -> None:
+    c = Clock()
+    b = Breaker(failures=2, open_s=10, max_open_s=60, clock=c)
+    b.record(False)
+    b.close()  # e.g. the health check's warm-up generation succeeded
+    b.record(False)
+    assert b.state == CLOSED  # the failure count was cleared too
+    b.record(False)
+    c.t += 10
+    probe = b.acquire()
+    assert probe == PROBE and b.trial_in_flight() and not b.available()
+    b.close()  # closed while the probe is out: everyone may go, the probe ends as an ordinary request
+    assert b.state == CLOSED and not b.trial_in_flight() and b.acquire() == ALLOWED
+    b.record(False, probe)
+    assert b.state == CLOSED  # one failure, not a failed trial
+
+
 def test_late_failure_of_old_request_does_not_extend_open() -> None:
     c = Clock()
     b = Breaker(failures=1, open_s=5, max_open_s=60, clock=c)

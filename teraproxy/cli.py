@@ -131,7 +131,15 @@ def _sim_options(args: argparse.Namespace) -> Any:
     from teraproxy.sim import SimOptions
 
     return SimOptions(model=args.model, reasoning_field=args.reasoning_field, ttft_ms=args.ttft,
-                      itl_ms=args.itl, tokens=args.tokens)
+                      itl_ms=args.itl, tokens=args.tokens, max_num_seqs=args.max_num_seqs, speed=args.speed,
+                      metrics=args.metrics)
+
+
+def _positive_float(v: str) -> float:
+    f = float(v)
+    if not f > 0:
+        raise argparse.ArgumentTypeError("must be greater than zero")
+    return f
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -260,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ttft", type=float, default=0.0, metavar="MS", help="time to first token")
     s.add_argument("--itl", type=float, default=0.0, metavar="MS", help="time between tokens")
     s.add_argument("--tokens", type=int, default=16, help="tokens per answer (max_tokens may lower it)")
+    s.add_argument("--max-num-seqs", type=int, default=0, metavar="N",
+                   help="run at most N requests at once, queue the rest (vLLM's --max-num-seqs; 0: no limit)")
+    s.add_argument("--speed", type=_positive_float, default=1.0, metavar="F",
+                   help="divide every delay by F (0.5: a replica twice as slow)")
+    s.add_argument("--metrics", default="kv", choices=("kv", "gpu", "none"),
+                   help="GET /metrics with vllm:kv_cache_usage_perc (v1), vllm:gpu_cache_usage_perc (v0), or none")
     s.add_argument("--fail-status", type=int, help="answer generation requests with this HTTP status")
     s.add_argument("--health-status", type=int, default=200, help="status of GET /health")
     s.add_argument("--api-key", help="require this bearer token (as vLLM --api-key)")

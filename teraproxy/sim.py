@@ -8,6 +8,15 @@ up to ~0.11, both in the transition, ``reasoning`` since 0.16). Errors use vLLM'
 ``{"object": "error", ...}`` shape. Tests steer faults at run time with POST /_sim/faults and read
 counters from GET /_sim/stats (real vLLM has neither). Frames are built from pre-encoded pieces so
 the simulator is cheap enough to be the upstream of the benchmarks.
+
+Load, as vLLM's scheduler makes it: with ``max_num_seqs`` at most that many generation requests run
+at once and the rest wait in FIFO order (a waiting stream has its headers but no token yet, so its time
+to first token grows); ``speed`` divides every delay (0.5 = a GPU twice as slow). GET /metrics serves
+vLLM v1's scheduler gauges with vLLM's names, types and labels (``model_name``, ``engine``):
+``vllm:num_requests_running``, ``vllm:num_requests_waiting`` and ``vllm:kv_cache_usage_perc`` (or the
+older ``vllm:gpu_cache_usage_perc`` with ``metrics="gpu"``; no endpoint with ``metrics="none"``).
+KV-cache usage is simulated as running / max_num_seqs. Faults ``extra_running``/``extra_waiting`` add
+load that other clients of the same replica would cause.
 """
 
 from __future__ import annotations
@@ -17,13 +26,19 @@ import itertools
 import math
 import struct
 import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import orjson
 from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 REASONING_FIELDS = ("reasoning", "reasoning_content", "both", "none")
+METRICS_STYLES = ("kv", "gpu", "none")  # vllm:kv_cache_usage_perc (v1) | vllm:gpu_cache_usage_perc (v0) | no /metrics
 _WORDS = [b" alpha", b" beta", b" gamma", b" delta", b" \xc3\xa9psilon", b" zeta", b" eta", b" theta"]
 _TOKENS = [orjson.dumps(w.decode()) for w in _WORDS]  # JSON string literals, quotes included
 
@@ -43,6 +58,9 @@ class Faults:
     api_key: str | None = None  # require this bearer token, answer like vLLM --api-key otherwise
     ttft_ms: float | None = None  # override --ttft
     itl_ms: float | None = None  # override --itl
+    extra_running: int = 0  # /metrics reports this many more running requests (other clients' load)
+    extra_waiting: int = 0  # ... and this many more waiting ones
+    metrics_status: int = 200  # answer GET /metrics with this status (no metrics body unless 200)
 
 
 @dataclass
@@ -53,6 +71,9 @@ class Stats:
     cancelled: int = 0  # client (the proxy) went away before the answer was complete
     active: int = 0
     health_checks: int = 0
+    metrics_scrapes: int = 0
+    max_running: int = 0  # the most generation requests that ever ran at once
+    max_waiting: int = 0
     last_body: str = ""
     last_headers: dict[str, str] = field(default_factory=dict)
 
@@ -64,6 +85,44 @@ class SimOptions:
     ttft_ms: float = 0.0
     itl_ms: float = 0.0
     tokens: int = 16
+    max_num_seqs: int = 0  # 0: no limit
+    speed: float = 1.0  # delays are divided by this
+    metrics: str = "kv"  # one of METRICS_STYLES
+
+
+class Scheduler:
+    """vLLM's admission in miniature: at most ``max_seqs`` run (0 = no limit), the rest wait FIFO."""
+
+    def __init__(self, max_seqs: int, stats: Stats) -> None:
+        self.max_seqs = max_seqs
+        self.stats = stats
+        self.running = 0
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        if not self.waiters and (self.max_seqs <= 0 or self.running < self.max_seqs):
+            self.running += 1
+            self.stats.max_running = max(self.stats.max_running, self.running)
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        self.stats.max_waiting = max(self.stats.max_waiting, len(self.waiters))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # the slot was handed to us as we were cancelled: pass it on
+            elif fut in self.waiters:  # release() may already have dropped it
+                self.waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot goes to the next waiter; running is unchanged
+                return
+        self.running -= 1
 
 
 class Sim:
@@ -71,6 +130,7 @@ class Sim:
         self.opts = opts
         self.faults = faults or Faults()
         self.stats = Stats()
+        self.sched = Scheduler(opts.max_num_seqs, self.stats)
         self.created = int(time.time())
         self._ids = itertools.count(1)
 
@@ -85,7 +145,7 @@ class Sim:
 
     def _delay(self, which: str) -> float:
         v = getattr(self.faults, which)
-        return float(v if v is not None else getattr(self.opts, which)) / 1000.0
+        return float(v if v is not None else getattr(self.opts, which)) / 1000.0 / self.opts.speed
 
     async def _read_request(self, request: web.Request) -> tuple[dict[str, Any] | None, web.Response | None]:
         self.stats.requests += 1
@@ -161,8 +221,12 @@ class Sim:
             if payload.get("stream") is True:
                 resp = await self._stream(request, payload, chat, ttft)
             else:
-                if ttft:
-                    await asyncio.sleep(ttft + self._delay("itl_ms") * self._n_tokens(payload)[0])
+                await self.sched.acquire()
+                try:
+                    if ttft:
+                        await asyncio.sleep(ttft + self._delay("itl_ms") * self._n_tokens(payload)[0])
+                finally:
+                    self.sched.release()
                 resp = web.Response(body=self._full(payload, chat), content_type="application/json")
             self.stats.completed += 1
             return resp
@@ -262,7 +326,16 @@ class Sim:
                       ttft: float) -> web.StreamResponse:
         frames = self._frames(payload, chat)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
-        await resp.prepare(request)
+        await resp.prepare(request)  # vLLM sends a stream's headers before the request is scheduled
+        await self.sched.acquire()
+        try:
+            await self._stream_frames(request, resp, frames, ttft)
+        finally:
+            self.sched.release()
+        return resp
+
+    async def _stream_frames(self, request: web.Request, resp: web.StreamResponse, frames: list[bytes],
+                             ttft: float) -> None:
         if ttft:
             await asyncio.sleep(ttft)
         f = self.faults
@@ -280,10 +353,9 @@ class Sim:
             if f.reset_after is not None and stop == f.reset_after:
                 assert request.transport is not None
                 request.transport.abort()
-                return resp
+                return
             await asyncio.sleep(3600)  # hang mid-stream until the client goes away
         await resp.write_eof()
-        return resp
 
     async def speech(self, request: web.Request) -> web.StreamResponse:
         payload, err = await self._read_request(request)
@@ -315,6 +387,47 @@ class Sim:
     async def get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(asdict(self.stats))
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        self.stats.metrics_scrapes += 1  # not in `requests`: tests count those exactly
+        if self.faults.metrics_status != 200:
+            return web.Response(status=self.faults.metrics_status, text="Not Found")
+        return web.Response(body=self.registry_text(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    def registry_text(self) -> bytes:
+        reg = CollectorRegistry(auto_describe=False)
+        reg.register(_SchedulerCollector(self))
+        return generate_latest(reg)
+
+
+class _SchedulerCollector(Collector):
+    """vLLM v1's scheduler gauges (vllm/v1/metrics/loggers.py, PrometheusStatLogger): same names,
+    help texts, type and label names (model_name = the served model, engine = the engine index)."""
+
+    def __init__(self, sim: Sim) -> None:
+        self.sim = sim
+
+    def collect(self) -> Iterator[Metric]:
+        sim, f = self.sim, self.sim.faults
+        labels, values = ["model_name", "engine"], [sim.model, "0"]
+        running = sim.sched.running + f.extra_running
+        kv = min(1.0, running / sim.opts.max_num_seqs) if sim.opts.max_num_seqs > 0 else 0.0
+        for name, doc, value in (
+                ("vllm:num_requests_running", "Number of requests in model execution batches.", running),
+                ("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+                 len(sim.sched.waiters) + f.extra_waiting)):
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            g.add_metric(values, float(value))
+            yield g
+        if sim.opts.metrics == "gpu":
+            g = GaugeMetricFamily("vllm:gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage.",
+                                  labels=labels)
+        else:
+            g = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                                  labels=labels)
+        g.add_metric(values, kv)
+        yield g
+
 
 def _tool_name(payload: dict[str, Any]) -> str:
     try:
@@ -341,6 +454,8 @@ def create_sim_app(opts: SimOptions, faults: Faults | None = None) -> tuple[web.
     app.router.add_post("/v1/audio/speech", sim.speech)
     app.router.add_get("/v1/models", sim.models)
     app.router.add_get("/health", sim.health)
+    if opts.metrics != "none":
+        app.router.add_get("/metrics", sim.metrics)
     app.router.add_post("/_sim/faults", sim.set_faults)
     app.router.add_get("/_sim/stats", sim.get_stats)
     return app, sim

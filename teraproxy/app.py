@@ -24,6 +24,7 @@ from teraproxy.client import Client
 from teraproxy.config import Config, load_config
 from teraproxy.errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError
 from teraproxy.health import HealthChecker
+from teraproxy.loadreport import LoadReporter
 from teraproxy.metrics import Metrics
 from teraproxy.proxy import CTX, Ctx, Proxy, log, new_request_id
 from teraproxy.upstreams import ModelPool, build_table
@@ -128,9 +129,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                                      skip_auto_headers=("User-Agent",)) as session:
         checker = HealthChecker(config, app[TABLE], session)
         checker.start()
+        reporter = LoadReporter(config.load, (r for p in app[TABLE].values() for r in p.replicas), session)
+        reporter.start()
         try:
             yield
         finally:
+            await reporter.stop()
             await checker.stop()
             await app[PROXY].client.close()
             app[ACCESS].close()

@@ -1,9 +1,17 @@
 """Picking a replica for one attempt.
 
-Default: power of two choices on (in flight + 1) / effective weight among replicas that are up
-and whose breaker lets a request through; a random draw breaks ties and spreads load without a
-global scan bias. ``affinity``: weighted rendezvous hashing on a session key, so the same key
-goes to the same replica while it is healthy and only a lost replica's share moves.
+Candidates are replicas that are up, whose breaker lets a request through and that are below their
+``max_in_flight``. Default: power of two choices on the load score below; a random draw breaks ties
+and spreads load without a global scan bias (several proxies with the same stale view do not herd
+onto one replica). ``affinity``: weighted rendezvous hashing on a session key, so the same key goes
+to the same replica while it is healthy and only a lost replica's share moves; a saturated replica
+(its fresh report shows waiting requests or a full KV cache) is skipped while another is not.
+
+Load score: ``(demand + 1) × (1 + kv) / effective weight``. ``demand`` is this proxy's in-flight
+count, or with a fresh load report (loadreport.py) the replica's own running + waiting plus the
+change in this proxy's in-flight count since the report (what we sent since, minus what finished) —
+never less than our own in-flight count. ``kv`` is the reported KV-cache usage (0..1), so a replica
+whose cache is full counts double. A stale or missing report falls back to local counts.
 """
 
 from __future__ import annotations
@@ -16,20 +24,40 @@ from collections.abc import Callable, Sequence
 
 from teraproxy.upstreams import Replica
 
+SATURATED_KV = 0.95
+
+
+def demand(r: Replica, now: float) -> int:
+    rep = r.report
+    if rep is None or now - rep.at > r.stale_after:
+        return r.in_flight
+    return max(r.in_flight, rep.running + rep.waiting + r.in_flight - rep.in_flight)
+
 
 def _load(r: Replica, now: float) -> float:
-    return (r.in_flight + 1) / r.effective_weight(now)
+    rep = r.report
+    if rep is None or now - rep.at > r.stale_after:
+        return (r.in_flight + 1) / r.effective_weight(now)
+    n = max(r.in_flight, rep.running + rep.waiting + r.in_flight - rep.in_flight)
+    return (n + 1) * (1.0 + (rep.kv or 0.0)) / r.effective_weight(now)
+
+
+def saturated(r: Replica, now: float) -> bool:
+    rep = r.report
+    return rep is not None and now - rep.at <= r.stale_after and (
+        rep.waiting > 0 or (rep.kv or 0.0) >= SATURATED_KV)
 
 
 def pick(replicas: Sequence[Replica], exclude: Sequence[Replica], now: float,
          rng: random.Random, key: str | None = None) -> Replica | None:
-    cands = [r for r in replicas if r.available() and r not in exclude]
+    cands = [r for r in replicas if r.in_flight < r.max_in_flight and r.available() and r not in exclude]
     if not cands:
         return None
     if len(cands) == 1:
         return cands[0]
     if key is not None:
-        return max(cands, key=lambda r: _rendezvous(key, r, now))
+        free = [r for r in cands if not saturated(r, now)]
+        return max(free or cands, key=lambda r: _rendezvous(key, r, now))
     a, b = rng.sample(cands, 2)
     la, lb = _load(a, now), _load(b, now)
     if la == lb:

@@ -18,6 +18,7 @@ import yaml
 
 EMITS = ("both", "reasoning", "reasoning_content", "passthrough")
 POLICIES = ("least", "affinity")
+PRIORITIES = ("high", "normal", "low")
 
 
 class ConfigError(Exception):
@@ -40,6 +41,7 @@ class KeyConfig:
     name: str
     sha256: bytes  # raw digest of the bearer token
     models: frozenset[str] | None  # None: every model
+    priority: str = "normal"  # admission queue class: high | normal | low
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class ReplicaConfig:
     url: str  # normalised: scheme://host:port, no trailing slash
     weight: float = 1.0
     api_key: str | None = None
+    max_in_flight: int | None = None  # requests this proxy sends at once; beyond it they queue
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,25 @@ class RetryConfig:
 
 
 @dataclass(frozen=True)
+class LoadConfig:
+    """Scraping the replicas' /metrics for their own view of their load (loadreport.py)."""
+
+    enabled: bool = True
+    path: str = "/metrics"
+    interval: float = 1.0
+    timeout: float = 0.5
+    stale_after: float = 0.0  # 0: three intervals
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """The per-model admission queue used when every replica is at its max_in_flight (admission.py)."""
+
+    max: int = 1000  # waiting requests per model; 0: no queue, answer 503 queue_full at once
+    timeout: float = 30.0  # longest wait in the queue (then 503 queue_timeout)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     access_log: bool = True
@@ -135,6 +157,8 @@ class Config:
     retry: RetryConfig = field(default_factory=RetryConfig)
     log: LogConfig = field(default_factory=LogConfig)
     reasoning: str = "both"
+    load: LoadConfig = field(default_factory=LoadConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -302,7 +326,7 @@ def _auth(r: _Reader, raw: dict[str, Any]) -> AuthConfig:
     seen: set[bytes] = set()
     for i, k in enumerate(keys_raw):
         p = f"auth.keys[{i}]"
-        kd = r.mapping(k, p, {"name", "sha256", "models"})
+        kd = r.mapping(k, p, {"name", "sha256", "models", "priority"})
         name = kd.get("name")
         if not isinstance(name, str) or not name:
             r.fail(f"{p}.name", "must be a non-empty string")
@@ -318,12 +342,13 @@ def _auth(r: _Reader, raw: dict[str, Any]) -> AuthConfig:
             if digest in seen:
                 r.fail(f"{p}.sha256", "duplicate key")
             seen.add(digest)
-            keys.append(KeyConfig(name, digest, frozenset(models) if models is not None else None))
+            keys.append(KeyConfig(name, digest, frozenset(models) if models is not None else None,
+                                  r.get(kd, "priority", p, _choice(PRIORITIES), "normal")))
     return AuthConfig(enabled=True, keys=tuple(keys))
 
 
 def _replica(r: _Reader, raw: Any, p: str) -> ReplicaConfig | None:
-    d = r.mapping(raw, p, {"url", "weight", "api_key", "api_key_env"})
+    d = r.mapping(raw, p, {"url", "weight", "api_key", "api_key_env", "max_in_flight"})
     if "url" not in d:
         r.fail(f"{p}.url", "missing")
         return None
@@ -348,7 +373,8 @@ def _replica(r: _Reader, raw: Any, p: str) -> ReplicaConfig | None:
             r.fail(f"{p}.api_key_env", f"environment variable {env!r}: {_HEADER_SAFE}")
         else:
             api_key = os.environ[env]
-    return ReplicaConfig(url, weight, api_key) if url else None
+    cap = r.get(d, "max_in_flight", p, _int(1), None)
+    return ReplicaConfig(url, weight, api_key, cap) if url else None
 
 
 # A replica's key goes into an Authorization header, which is encoded as Latin-1 by our client and
@@ -411,7 +437,7 @@ def parse_config(raw: Any, warnings: list[str] | None = None) -> Config:
     environment rather than of the file are appended there instead of failing."""
     r = _Reader(warnings)
     top = {"listen", "admin_listen", "auth", "models", "limits", "timeouts", "upstream",
-           "health", "breaker", "retry", "log", "reasoning"}
+           "health", "breaker", "retry", "log", "reasoning", "load", "queue"}
     if not isinstance(raw, dict):
         raise ConfigError(["(top level): must be a mapping of settings"])
     r.mapping(raw, "", top)
@@ -443,6 +469,9 @@ def parse_config(raw: Any, warnings: list[str] | None = None) -> Config:
         retry=_section(r, raw, "retry", RetryConfig, {"attempts": pint, "budget": _fraction, "window": pdur}),
         log=_section(r, raw, "log", LogConfig,
                      {"level": _choice(("debug", "info", "warning", "error")), "access_log": _bool}),
+        load=_section(r, raw, "load", LoadConfig, {"enabled": _bool, "path": _path, "interval": pdur,
+                                                   "timeout": pdur, "stale_after": dur}),
+        queue=_section(r, raw, "queue", QueueConfig, {"max": _int(0), "timeout": pdur}),
     )
     if cfg.breaker.max_open < cfg.breaker.open:
         r.fail("breaker.max_open", "must be >= breaker.open")

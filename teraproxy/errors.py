@@ -106,6 +106,22 @@ class NoHealthyReplica(ProxyError):
     code = "no_healthy_replica"
 
 
+class QueueFull(ProxyError):
+    """Every replica of the model is at its max_in_flight and its admission queue is full."""
+
+    status = 503
+    type = "server_error"
+    code = "queue_full"
+
+
+class QueueTimeout(ProxyError):
+    """The request waited queue.timeout in the model's admission queue without a free replica."""
+
+    status = 503
+    type = "server_error"
+    code = "queue_timeout"
+
+
 class UpstreamTimeout(ProxyError):
     status = 504
     type = "server_error"

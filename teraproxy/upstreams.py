@@ -15,12 +15,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from teraproxy.admission import Admission
 from teraproxy.breaker import PROBE, Breaker
 from teraproxy.config import Config, ModelConfig, ReplicaConfig
 
+if TYPE_CHECKING:
+    from teraproxy.loadreport import LoadReport
+
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/audio/speech")
+NO_CAP = 1 << 62  # max_in_flight when none is configured
 
 
 class Replica:
@@ -34,11 +40,14 @@ class Replica:
         "in_flight",
         "last_check",
         "latency",
+        "max_in_flight",
         "model_id",
         "origin",
         "reason",
+        "report",
         "requests",
         "slow_start",
+        "stale_after",
         "trial",
         "up",
         "up_since",
@@ -52,6 +61,9 @@ class Replica:
         self.model_id = model_id
         self.weight = cfg.weight
         self.in_flight = 0
+        self.max_in_flight = cfg.max_in_flight or NO_CAP
+        self.report: LoadReport | None = None  # the replica's own view of its load (loadreport.py)
+        self.stale_after = config.load.stale_after or 3 * config.load.interval
         # Without active checks a replica is trusted until traffic says otherwise;
         # with them it starts down and must pass `rise` checks (and the warm-up) first.
         self.up = not config.health.enabled
@@ -145,11 +157,20 @@ class Replica:
             "last_check_ago": None if self.last_check is None else round(now - self.last_check, 3),
             "latency_ms": None if self.latency is None else round(self.latency * 1000, 2),
             "requests": self.requests, "failures": self.failures,
+            "max_in_flight": None if self.max_in_flight == NO_CAP else self.max_in_flight,
+            "report": self._report_snapshot(now),
         }
+
+    def _report_snapshot(self, now: float) -> dict[str, object] | None:
+        rep = self.report
+        if rep is None:
+            return None
+        return {"running": rep.running, "waiting": rep.waiting, "kv_cache_usage": rep.kv,
+                "age": round(now - rep.at, 3), "stale": now - rep.at > self.stale_after}
 
 
 class ModelPool:
-    __slots__ = ("affinity", "cfg", "emit", "id", "reasoning_in", "replicas")
+    __slots__ = ("affinity", "cfg", "emit", "id", "queue", "reasoning_in", "replicas")
 
     def __init__(self, cfg: ModelConfig, config: Config, clock: Callable[[], float]) -> None:
         self.cfg = cfg
@@ -158,6 +179,18 @@ class ModelPool:
         self.emit = cfg.reasoning
         self.reasoning_in = cfg.reasoning_in
         self.affinity = cfg.policy == "affinity"
+        # a queue only where requests can be held back: some replica has a max_in_flight
+        capped = any(r.max_in_flight != NO_CAP for r in self.replicas)
+        self.queue = Admission(cfg.id, config.queue.max, config.queue.timeout, self.room, clock) if capped else None
+
+    def room(self) -> int:
+        """How many more requests the available replicas take right now (their max_in_flight)."""
+        return sum(max(0, r.max_in_flight - r.in_flight) for r in self.replicas if r.available())
+
+    def saturated(self) -> bool:
+        """Some replica is available, but every available one is at its max_in_flight: queue."""
+        avail = [r for r in self.replicas if r.available()]
+        return bool(avail) and all(r.in_flight >= r.max_in_flight for r in avail)
 
     def pending_trial(self, exclude: list[Replica]) -> Replica | None:
         """A replica (not in ``exclude``) whose half-open trial is in flight, if any."""

@@ -1,5 +1,7 @@
 """create_app(config) → the API web.Application (and the admin app), with all long-lived
 resources in ``cleanup_ctx``: the one upstream ClientSession, the Proxy, the health checker.
+What a reload may change lives in the snapshot behind ``app[LIVE]`` (runtime.py); the
+``app[RELOADER]`` re-reads the config file and keeps the health checker and proxy in step.
 
 The API app serves only the Tera API; /metrics and /admin/* live on the admin app, which is
 bound to ``admin_listen`` and never to the API port. One middleware is the error ladder: every
@@ -19,7 +21,6 @@ import orjson
 from aiohttp import web
 
 from teraproxy.accesslog import AccessLog
-from teraproxy.auth import KeyTable
 from teraproxy.client import Client
 from teraproxy.config import Config, load_config
 from teraproxy.errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError
@@ -27,10 +28,11 @@ from teraproxy.health import HealthChecker
 from teraproxy.loadreport import LoadReporter
 from teraproxy.metrics import Metrics
 from teraproxy.proxy import CTX, Ctx, Proxy, log, new_request_id
-from teraproxy.upstreams import ModelPool, build_table
+from teraproxy.runtime import Live, Reloader, Snapshot, build, file_sha256
+from teraproxy.upstreams import Replica
 
-CONFIG = web.AppKey("config", Config)
-TABLE = web.AppKey("table", dict[str, ModelPool])
+LIVE = web.AppKey("live", Live)
+RELOADER = web.AppKey("reloader", Reloader)
 PROXY = web.AppKey("proxy", Proxy)
 METRICS = web.AppKey("metrics", Metrics)
 ACCESS = web.AppKey("access_log", AccessLog)
@@ -64,7 +66,7 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> ProxyE
 @web.middleware
 async def edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
     """Request id, the error ladder and the access log, for every request on the API port."""
-    ctx = Ctx(new_request_id(request.headers.get("X-Request-ID")))
+    ctx = Ctx(new_request_id(request.headers.get("X-Request-ID")), request.app[LIVE].current)
     request[CTX] = ctx
     status = 499  # the client went away before an answer
     try:
@@ -103,15 +105,17 @@ async def edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
                 "peer": request.remote})
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, path: str | None = None) -> web.Application:
+    """The API app for ``config``; ``path`` is the file it came from, which a reload re-reads."""
+    # limits.max_body may change on reload: the proxy checks it itself (it never calls request.read())
     app = web.Application(middlewares=[edge], client_max_size=config.limits.max_body)
-    app[CONFIG] = config
-    app[TABLE] = build_table(config)
-    app[METRICS] = Metrics(app[TABLE])
+    live = app[LIVE] = Live(build(config, file_sha256(path) if path else ""))
+    app[RELOADER] = Reloader(live, path)
+    app[METRICS] = Metrics(live)
     app[ACCESS] = AccessLog(sys.stdout.buffer if config.log.access_log else None)
     # built here, not in cleanup_ctx: neither needs a running loop, and the routes bind its methods
     upstream = Client(config.upstream.max_connections, config.upstream.keepalive, config.timeouts.connect)
-    proxy = app[PROXY] = Proxy(config, app[TABLE], KeyTable(config.auth), upstream)
+    proxy = app[PROXY] = Proxy(live, upstream)
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/v1/chat/completions", proxy.chat)
     app.router.add_post("/v1/completions", proxy.completions)
@@ -122,21 +126,38 @@ def create_app(config: Config) -> web.Application:
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
+    live, reloader, proxy = app[LIVE], app[RELOADER], app[PROXY]
+    config = live.current.config
     connector = aiohttp.TCPConnector(limit=64, keepalive_timeout=config.upstream.keepalive, ttl_dns_cache=60)
     # health checks are a few requests a second: aiohttp's client is fine there
     async with aiohttp.ClientSession(connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
                                      skip_auto_headers=("User-Agent",)) as session:
-        checker = HealthChecker(config, app[TABLE], session)
-        checker.start()
-        reporter = LoadReporter(config.load, (r for p in app[TABLE].values() for r in p.replicas), session)
+        checker = HealthChecker(config, session)
+        checker.sync(live.current.replicas)
+        reporter = LoadReporter(config.load, live.current.replicas, session)
         reporter.start()
+
+        def swapped(snap: Snapshot) -> None:
+            checker.configure(snap.config)
+            checker.sync(snap.replicas)
+            reporter.sync(snap.replicas)
+            proxy.configure(snap)
+
+        def retired(r: Replica) -> None:
+            checker.unwatch(r)
+            reporter.unwatch(r)
+            if all(x.origin != r.origin for x in live.current.replicas):  # not shared with a live one
+                proxy.client.drop_origin(r.origin)
+
+        reloader.on_swap.append(swapped)
+        reloader.on_retired.append(retired)
         try:
             yield
         finally:
+            await reloader.close()
             await reporter.stop()
             await checker.stop()
-            await app[PROXY].client.close()
+            await proxy.client.close()
             app[ACCESS].close()
     # let the connector's transports close before the loop goes away
     await asyncio.sleep(0)
@@ -144,33 +165,59 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 def create_admin_app(api: web.Application) -> web.Application:
     admin = web.Application()
+    live, reloader = api[LIVE], api[RELOADER]
+
+    def _json(body: object, status: int = 200) -> web.Response:
+        return web.Response(status=status, body=orjson.dumps(body, option=orjson.OPT_INDENT_2),
+                            content_type="application/json", headers={"Cache-Control": "no-cache"})
 
     async def upstreams(request: web.Request) -> web.Response:
-        table = api[TABLE]
-        body = {"models": [{"id": p.id, "policy": "affinity" if p.affinity else "least",
-                            "replicas": [r.snapshot() for r in p.replicas]} for p in table.values()]}
-        return web.Response(body=orjson.dumps(body, option=orjson.OPT_INDENT_2), content_type="application/json")
+        table = live.current.table
+        return _json({"models": [{"id": p.id, "policy": "affinity" if p.affinity else "least",
+                                  "replicas": [r.snapshot() for r in p.replicas]} for p in table.values()]})
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
+
+    async def readyz(request: web.Request) -> web.Response:
+        if live.ready():
+            return web.Response(text="ready\n")
+        why = "draining" if live.draining else "a model has no replica up"
+        return web.Response(status=503, text=f"not ready: {why}\n")
+
+    async def config(request: web.Request) -> web.Response:
+        snap = live.current
+        return _json({"path": reloader.path, "sha256": snap.sha256, "loaded_at": snap.loaded_at,
+                      "reloads": live.reloads, "reload_failures": live.reload_failures,
+                      "last_reload_error": live.last_error, "draining": live.draining,
+                      "models": list(snap.table), "retiring": [r.url for r in live.retiring.values()]})
+
+    async def reload(request: web.Request) -> web.Response:
+        problems = reloader.reload()
+        if problems:
+            return _json({"ok": False, "problems": problems}, status=422)
+        return _json({"ok": True, "sha256": live.current.sha256})
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=api[METRICS].render(), content_type="text/plain",
                             headers={"Cache-Control": "no-cache"})
 
     admin.router.add_get("/admin/upstreams", upstreams)
+    admin.router.add_get("/admin/config", config)
+    admin.router.add_post("/admin/reload", reload)
     admin.router.add_get("/metrics", metrics)
     admin.router.add_get("/healthz", healthz)
+    admin.router.add_get("/readyz", readyz)
     return admin
 
 
-async def start_servers(config: Config) -> tuple[web.Application, list[web.AppRunner]]:
+async def start_servers(config: Config, path: str | None = None) -> tuple[web.Application, list[web.AppRunner]]:
     """Set up the API (and admin) runners with the hardened server settings and bind them.
 
     Raises OSError naming the address when a port cannot be bound (runners already set up
     are cleaned up first). Callers clean the returned runners up in reverse order.
     """
-    app = create_app(config)
+    app = create_app(config, path)
     runners: list[web.AppRunner] = []
     try:
         runner = web.AppRunner(app, handler_cancellation=True, keepalive_timeout=config.timeouts.keepalive,

@@ -477,6 +477,12 @@ class Client:
                 fut.set_result(None)
                 break
 
+    def drop_origin(self, origin: Origin) -> None:
+        """Close the pooled connections to an origin no longer in the config (a retired replica)."""
+        idle = self._idle.pop(origin, None)
+        while idle:
+            self._close(idle.pop())
+
     async def close(self) -> None:
         self.closed = True
         for idle in self._idle.values():

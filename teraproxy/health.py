@@ -7,7 +7,9 @@ once ``GET /v1/models`` shows it serves the model it is configured for and, with
 1-token request has completed — so users never pay a cold start (CUDA graph capture) themselves.
 That warm-up is a real generation, so it also counts as the replica's circuit-breaker trial: a
 replica that comes back with a passed warm-up has its breaker closed (see upstreams.Replica).
-Tasks are cancelled and awaited in ``stop()``.
+The set of watched replicas follows reloads through ``sync()`` (a new replica gets a task, a removed one
+loses its task through ``unwatch()`` once its requests are done); settings are re-read through
+``configure()``. Tasks are cancelled and awaited in ``stop()``.
 """
 
 from __future__ import annotations
@@ -16,43 +18,51 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Iterable
 
 import aiohttp
 import orjson
 
 from teraproxy.config import Config
-from teraproxy.upstreams import ModelPool, Replica
+from teraproxy.upstreams import Replica
 
 log = logging.getLogger("teraproxy.health")
 
 
 class HealthChecker:
-    def __init__(self, config: Config, table: dict[str, ModelPool], session: aiohttp.ClientSession,
-                 rng: random.Random | None = None) -> None:
-        self.cfg = config.health
-        self.warmup_timeout = config.timeouts.headers
-        self.table = table
+    def __init__(self, config: Config, session: aiohttp.ClientSession, rng: random.Random | None = None) -> None:
         self.session = session
         self.rng = rng or random.Random()
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: dict[int, asyncio.Task[None]] = {}  # by id() of the watched Replica
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        self.cfg = config.health
+        self.warmup_timeout = config.timeouts.headers
         self._timeout = aiohttp.ClientTimeout(total=self.cfg.timeout)
 
-    def start(self) -> None:
+    def sync(self, replicas: Iterable[Replica]) -> None:
+        """Watch every replica of the live table that is not watched yet (all of them at start-up)."""
         if not self.cfg.enabled:
+            for key in list(self.tasks):
+                self.tasks.pop(key).cancel()
+            for r in replicas:
+                if not r.up:  # checks were switched off by a reload: trust it, as at a start without them
+                    r.up, r.reason = True, "health checks disabled"
             return
-        for pool in self.table.values():
-            for r in pool.replicas:
-                self._spawn(self._watch(r), f"health:{pool.id}@{r.url}")
+        for r in replicas:
+            if id(r) not in self.tasks:
+                task = asyncio.get_running_loop().create_task(self._watch(r), name=f"health:{r.model_id}@{r.url}")
+                self.tasks[id(r)] = task
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+    def unwatch(self, r: Replica) -> None:
+        task = self.tasks.pop(id(r), None)
+        if task is not None:
+            task.cancel()
 
     async def stop(self) -> None:
-        tasks = list(self.tasks)
+        tasks = list(self.tasks.values())
+        self.tasks.clear()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -21,9 +21,9 @@ import logging
 import math
 import random
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -109,22 +109,29 @@ class LoadReporter:
         self.replicas = tuple(replicas)
         self.session = session
         self.rng = rng or random.Random()
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: dict[int, asyncio.Task[None]] = {}  # by id() of the scraped Replica
         self._timeout = aiohttp.ClientTimeout(total=cfg.timeout)
 
     def start(self) -> None:
+        self.sync(self.replicas)
+
+    def sync(self, replicas: Iterable[Replica]) -> None:
+        """Scrape every replica not scraped yet (a reload adds some; ``unwatch`` ends a removed one's)."""
         if not self.cfg.enabled:
             return
-        for r in self.replicas:
-            self._spawn(self._watch(r), f"load:{r.model_id}@{r.url}")
+        for r in replicas:
+            if id(r) not in self.tasks:
+                self.tasks[id(r)] = asyncio.get_running_loop().create_task(self._watch(r),
+                                                                           name=f"load:{r.model_id}@{r.url}")
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+    def unwatch(self, r: Replica) -> None:
+        task = self.tasks.pop(id(r), None)
+        if task is not None:
+            task.cancel()
 
     async def stop(self) -> None:
-        tasks = list(self.tasks)
+        tasks = list(self.tasks.values())
+        self.tasks.clear()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from teraproxy.upstreams import ModelPool
+from teraproxy.runtime import Live, LiveCollector
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
@@ -23,9 +23,9 @@ NO_MODEL = ""  # requests that never named a served model (bad JSON, unknown mod
 
 
 class Metrics:
-    def __init__(self, table: dict[str, ModelPool]) -> None:
+    def __init__(self, live: Live) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.models = frozenset(table)
+        self.live = live  # the model label is bounded by the models of the live config
         self.requests = Counter("teraproxy_requests", "Requests answered, by model and status class",
                                 ["model", "status"], registry=self.registry)
         self.duration = Histogram("teraproxy_request_duration_seconds", "Time to the last byte",
@@ -41,11 +41,12 @@ class Metrics:
                                   "Frames with a reasoning field that were not valid JSON (passed through)",
                                   ["model"], registry=self.registry)
         self._children: dict[tuple[str, int], tuple[Counter, Histogram, Histogram]] = {}
-        self.registry.register(_TableCollector(table))
+        self.registry.register(_TableCollector(live))
+        self.registry.register(LiveCollector(live))
 
     def request(self, model: str | None, status: int, seconds: float, ttfb: float | None, attempts: int,
                 rewritten: int, bad_frames: int) -> None:
-        m = model if model in self.models else NO_MODEL
+        m = model if model is not None and model in self.live.current.table else NO_MODEL
         key = (m, status // 100)
         child = self._children.get(key)
         if child is None:
@@ -69,8 +70,8 @@ class Metrics:
 class _TableCollector(Collector):
     """Replica state, read at scrape time."""
 
-    def __init__(self, table: dict[str, ModelPool]) -> None:
-        self.table = table
+    def __init__(self, live: Live) -> None:
+        self.live = live
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "replica"]
@@ -83,7 +84,7 @@ class _TableCollector(Collector):
         fails = CounterMetricFamily("teraproxy_replica_failures",
                                     "Attempts that failed (connect error, timeout, 5xx, broken stream)",
                                     labels=labels)
-        for pool in self.table.values():
+        for pool in self.live.current.table.values():
             for r in pool.replicas:
                 lv = [pool.id, r.url]
                 up.add_metric(lv, 1.0 if r.up else 0.0)

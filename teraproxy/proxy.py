@@ -28,10 +28,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from teraproxy import client, sse
-from teraproxy.auth import KeyTable
 from teraproxy.balance import RetryBudget, pick
 from teraproxy.breaker import ALLOWED, DENIED
-from teraproxy.config import Config, KeyConfig
+from teraproxy.config import KeyConfig
 from teraproxy.errors import (
     BadRequest,
     ModelNotFound,
@@ -44,6 +43,7 @@ from teraproxy.errors import (
     error_body,
     normalise_upstream_error,
 )
+from teraproxy.runtime import Live, Snapshot
 from teraproxy.upstreams import ModelPool, Replica
 
 log = logging.getLogger("teraproxy")
@@ -86,13 +86,15 @@ class Ctx:
         "model",
         "replica",
         "rid",
+        "snap",
         "stream",
         "t0",
         "ttfb",
     )
 
-    def __init__(self, rid: str) -> None:
+    def __init__(self, rid: str, snap: Snapshot) -> None:
         self.rid = rid
+        self.snap = snap  # the config and routing table this request runs on, start to end
         self.key: str | None = None
         self.model: str | None = None
         self.replica: str | None = None
@@ -115,16 +117,19 @@ CTX = web.RequestKey("teraproxy_ctx", Ctx)
 class Proxy:
     """The handlers of the API routes; every dependency comes in through the constructor."""
 
-    def __init__(self, config: Config, table: dict[str, ModelPool], keys: KeyTable, upstream: client.Client,
-                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
-        self.config = config
-        self.table = table
-        self.keys = keys
+    def __init__(self, live: Live, upstream: client.Client, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        self.live = live
         self.client = upstream
         self.clock = clock
         self.rng = rng or random.Random()
-        self.budget = RetryBudget(config.retry.budget, config.retry.window, clock)
+        retry = live.current.config.retry
+        self.budget = RetryBudget(retry.budget, retry.window, clock)
         self.created = int(time.time())
+
+    def configure(self, snap: Snapshot) -> None:
+        """A reload's settings for what outlives a snapshot (the retry budget keeps its history)."""
+        self.budget.ratio, self.budget.window = snap.config.retry.budget, snap.config.retry.window
 
     # -- entry points ----------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -138,20 +143,21 @@ class Proxy:
 
     async def list_models(self, request: web.Request) -> web.Response:
         key = self._auth(request)
-        data = [self._model_obj(m) for m in self.table if key is None or key.models is None or m in key.models]
+        table = request[CTX].snap.table
+        data = [self._model_obj(m) for m in table if key is None or key.models is None or m in key.models]
         return self._json(request, {"object": "list", "data": data})
 
     async def get_model(self, request: web.Request) -> web.Response:
         key = self._auth(request)
         mid = request.match_info["model"]
-        if mid not in self.table:
+        if mid not in request[CTX].snap.table:
             raise ModelNotFound(f"The model '{mid}' does not exist.")
-        self.keys.allow_model(key, mid)
+        request[CTX].snap.keys.allow_model(key, mid)
         return self._json(request, self._model_obj(mid))
 
     # -- steps -------------------------------------------------------------------------------
     def _auth(self, request: web.Request) -> KeyConfig | None:
-        key = self.keys.check(request.headers.get("Authorization"))
+        key = request[CTX].snap.keys.check(request.headers.get("Authorization"))
         if key is not None:
             request[CTX].key = key.name
         return key
@@ -164,7 +170,8 @@ class Proxy:
                             headers={"Server": "teraproxy", "X-Request-ID": request[CTX].rid})
 
     async def _read_body(self, request: web.Request) -> bytes:
-        limit = self.config.limits.max_body
+        limits = request[CTX].snap.config.limits
+        limit = limits.max_body
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"Request body of {request.content_length} bytes is over the limit of "
                                   f"{limit} bytes.")
@@ -175,7 +182,7 @@ class Proxy:
                 raise PayloadTooLarge(f"Request body is over the limit of {limit} bytes.")
             return body
         try:
-            async with asyncio.timeout(self.config.limits.body_read):
+            async with asyncio.timeout(limits.body_read):
                 body = await content.read(limit + 1)
                 while len(body) <= limit and not content.at_eof():
                     body += await content.read(limit + 1 - len(body))
@@ -213,10 +220,10 @@ class Proxy:
         payload = self._parse(body, required)
         model: str = payload["model"]
         ctx.model = model
-        pool = self.table.get(model)
+        pool = ctx.snap.table.get(model)
         if pool is None:
             raise ModelNotFound(f"The model '{model}' does not exist or is not served here.")
-        self.keys.allow_model(key, model)
+        ctx.snap.keys.allow_model(key, model)
         stream = payload.get("stream") is True
         ctx.stream = stream
         chat = required == "messages"
@@ -252,8 +259,9 @@ class Proxy:
         tried: list[Replica] = []
         last: _AttemptFailed | None = None
         self.budget.request()
-        for attempt in range(self.config.retry.attempts):
-            replica = await self._pick(pool, tried, affinity)
+        config = ctx.snap.config
+        for attempt in range(config.retry.attempts):
+            replica = await self._pick(pool, tried, affinity, config.breaker.trial_wait)
             if replica is None:
                 break
             if attempt and not self.budget.try_retry():
@@ -288,11 +296,12 @@ class Proxy:
             if last.error is not None:
                 raise last.error
             return self._replica_error(request, last.status, last.body)
-        wait = max(1, math.ceil(pool.retry_in(self.config.health.interval)))
+        wait = max(1, math.ceil(pool.retry_in(config.health.interval)))
         raise NoHealthyReplica(f"No healthy replica is available for model '{pool.id}'.",
                                headers={"Retry-After": str(wait)})
 
-    async def _pick(self, pool: ModelPool, tried: list[Replica], affinity: str | None) -> Replica | None:
+    async def _pick(self, pool: ModelPool, tried: list[Replica], affinity: str | None,
+                    trial_wait: float) -> Replica | None:
         """A replica for the next attempt. When none is available but one is up with its half-open
         trial in flight, wait (up to ``breaker.trial_wait`` in all) for that trial's verdict instead
         of failing at once: with one replica per model, failing would be an outage after the outage."""
@@ -303,7 +312,7 @@ class Proxy:
             if trial is None:
                 return None
             now = time.monotonic()
-            deadline = deadline or now + self.config.breaker.trial_wait
+            deadline = deadline or now + trial_wait
             if now >= deadline or not await trial.wait_trial(deadline - now):
                 return None
             replica = pick(pool.replicas, tried, self.clock(), self.rng, affinity)
@@ -312,7 +321,7 @@ class Proxy:
     async def _attempt(self, request: web.Request, ctx: Ctx, pool: ModelPool, replica: Replica, path: str,
                        body: bytes, headers: bytes, mode: str, chat: bool) -> web.StreamResponse:
         head = replica.heads[path] + headers + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
-        t = self.config.timeouts
+        t = ctx.snap.config.timeouts
         try:
             ex = await self.client.request(replica.origin, head, body,
                                            t.headers if mode == "full" else t.idle, t.idle)
@@ -471,14 +480,15 @@ class Proxy:
                     ex.wake()
 
         ex.on_body = after_commit
+        stall = request[CTX].snap.config.timeouts.client_stall
         while not ex.complete and ex.error is None:
             if ex.conn.paused:
                 try:
-                    async with asyncio.timeout(self.config.timeouts.client_stall):
+                    async with asyncio.timeout(stall):
                         await request.writer.drain()
                 except TimeoutError:
                     # the client stopped reading: the paused replica is holding a GPU slot for it
-                    log.warning("client stopped reading for %gs; closing %s", self.config.timeouts.client_stall,
+                    log.warning("client stopped reading for %gs; closing %s", stall,
                                 request[CTX].rid)
                     transport.abort()
                     return sink

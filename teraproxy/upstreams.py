@@ -46,6 +46,7 @@ class Replica:
         "reason",
         "report",
         "requests",
+        "retired",
         "slow_start",
         "stale_after",
         "trial",
@@ -56,10 +57,8 @@ class Replica:
     )
 
     def __init__(self, cfg: ReplicaConfig, model_id: str, config: Config, clock: Callable[[], float]) -> None:
-        self.cfg = cfg
         self.url = cfg.url
         self.model_id = model_id
-        self.weight = cfg.weight
         self.in_flight = 0
         self.max_in_flight = cfg.max_in_flight or NO_CAP
         self.report: LoadReport | None = None  # the replica's own view of its load (loadreport.py)
@@ -71,24 +70,34 @@ class Replica:
         self.breaker = Breaker(config.breaker.failures, config.breaker.open, config.breaker.max_open, clock)
         self.clock = clock
         self.up_since = -1e18  # far past: full weight
-        self.slow_start = config.health.slow_start
         self.last_check: float | None = None
         self.latency: float | None = None
         self.requests = 0
         self.failures = 0
         self.trial: asyncio.Event | None = None  # set when the half-open trial in flight is judged
-        self.auth_header = f"Bearer {cfg.api_key}" if cfg.api_key else None
+        self.retired = False  # removed by a reload: takes no new attempts (runtime.py)
         u = urlsplit(cfg.url)
         assert u.hostname is not None and u.port is not None  # config normalised the URL
         self.origin = (u.hostname, u.port, u.scheme == "https")
+        self.configure(cfg, config)
+
+    def configure(self, cfg: ReplicaConfig, config: Config) -> None:
+        """Take the settings of a (re)loaded config; state (health, breaker, counts) is kept."""
+        self.cfg = cfg
+        self.weight = cfg.weight
+        self.slow_start = config.health.slow_start
+        b = self.breaker
+        b.failures, b.open_s, b.max_open_s = config.breaker.failures, config.breaker.open, config.breaker.max_open
+        self.auth_header = f"Bearer {cfg.api_key}" if cfg.api_key else None
+        netloc = urlsplit(cfg.url).netloc
         # the fixed part of every request head, encoded once: request line, Host, our own headers
         auth = f"Authorization: {self.auth_header}\r\n" if self.auth_header else ""
-        self.heads = {path: (f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+        self.heads = {path: (f"POST {path} HTTP/1.1\r\nHost: {netloc}\r\nContent-Type: application/json\r\n"
                              f"Accept-Encoding: identity\r\n{auth}").encode("latin-1")
                       for path in GENERATION_PATHS}
 
     def available(self) -> bool:
-        return self.up and self.breaker.available()
+        return self.up and not self.retired and self.breaker.available()
 
     def effective_weight(self, now: float) -> float:
         """Weight ramps linearly from 10% to 100% over slow_start after the replica comes up."""
@@ -169,13 +178,17 @@ class Replica:
                 "age": round(now - rep.at, 3), "stale": now - rep.at > self.stale_after}
 
 
+ReplicaFactory = Callable[[ReplicaConfig, str, Config, Callable[[], float]], Replica]
+
+
 class ModelPool:
     __slots__ = ("affinity", "cfg", "emit", "id", "queue", "reasoning_in", "replicas")
 
-    def __init__(self, cfg: ModelConfig, config: Config, clock: Callable[[], float]) -> None:
+    def __init__(self, cfg: ModelConfig, config: Config, clock: Callable[[], float],
+                 make: ReplicaFactory | None = None) -> None:
         self.cfg = cfg
         self.id = cfg.id
-        self.replicas = tuple(Replica(r, cfg.id, config, clock) for r in cfg.replicas)
+        self.replicas = tuple((make or Replica)(r, cfg.id, config, clock) for r in cfg.replicas)
         self.emit = cfg.reasoning
         self.reasoning_in = cfg.reasoning_in
         self.affinity = cfg.policy == "affinity"
@@ -205,5 +218,7 @@ class ModelPool:
         return min(r.retry_in() if r.up else check_interval for r in self.replicas)
 
 
-def build_table(config: Config, clock: Callable[[], float] = time.monotonic) -> dict[str, ModelPool]:
-    return {m.id: ModelPool(m, config, clock) for m in config.models}
+def build_table(config: Config, clock: Callable[[], float] = time.monotonic,
+                make: ReplicaFactory | None = None) -> dict[str, ModelPool]:
+    """The routing table of a config; ``make`` builds (or, on reload, finds) each replica object."""
+    return {m.id: ModelPool(m, config, clock, make) for m in config.models}

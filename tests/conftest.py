@@ -23,9 +23,10 @@ import pytest
 import yaml
 from aiohttp import web
 
-from teraproxy.app import ACCESS, start_servers
-from teraproxy.config import Config, parse_config
+from teraproxy.app import ACCESS, LIVE, start_servers
+from teraproxy.config import Config, load_config, parse_config
 from teraproxy.sim import Faults, Sim, SimOptions, start_sim
+from teraproxy.upstreams import ModelPool
 
 MODEL = "Qwen/Qwen3-8B"
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,6 +99,13 @@ class Cluster:
         self.runners[:0] = list(reversed(runners))
         return Proxy(config, app)
 
+    async def proxy_from_file(self, path: Path) -> Proxy:
+        """A proxy started from a config file, as `teraproxy serve --config` does (so it can reload)."""
+        config = load_config(path)
+        app, runners = await start_servers(config, str(path))
+        self.runners[:0] = list(reversed(runners))
+        return Proxy(config, app)
+
     async def close(self) -> None:
         for runner in self.runners:
             await runner.cleanup()
@@ -115,6 +123,11 @@ class Proxy:
         self.base = f"http://{config.listen}"
         self.v1 = f"{self.base}/v1"
         self.admin = f"http://{config.admin_listen}" if config.admin_listen else None
+
+    @property
+    def table(self) -> dict[str, ModelPool]:
+        """The live routing table (a reload replaces it)."""
+        return self.app[LIVE].current.table
 
     def access_lines(self) -> list[dict[str, Any]]:
         self.app[ACCESS].flush()

@@ -14,7 +14,6 @@ import openai
 import orjson
 import pytest
 
-from teraproxy.app import TABLE
 from tests.conftest import MODEL, ROOT, Cluster, Proxy, free_port, openai_client, run_cli, wait_for
 
 CHAT = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
@@ -23,7 +22,7 @@ FAST_HEALTH = {"interval": "100ms", "timeout": "200ms", "fall": 2, "rise": 2, "s
 
 
 def replicas(p: Proxy) -> Any:
-    return p.app[TABLE][MODEL].replicas
+    return p.table[MODEL].replicas
 
 
 async def post(http: aiohttp.ClientSession, p: Proxy, body: bytes = CHAT) -> tuple[int, bytes, Any]:

@@ -8,7 +8,6 @@ import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from teraproxy.app import TABLE
 from tests.conftest import MODEL, Cluster
 
 BODY = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
@@ -27,11 +26,11 @@ async def test_metrics_follow_traffic(cluster: Cluster, http: aiohttp.ClientSess
     bad.faults.fail_status = 503
     p = await cluster.proxy([bad, good], auth={"keys": [{"name": "team-secret-name", "sha256": "ab" * 32}]})
     p2 = await cluster.proxy([bad, good])  # open access, to send traffic
-    p2.app[TABLE][MODEL].replicas[1].in_flight = 1000  # first attempts go to the failing replica
+    p2.table[MODEL].replicas[1].in_flight = 1000  # first attempts go to the failing replica
     for _ in range(6):
         async with http.post(f"{p2.v1}/chat/completions", data=BODY) as resp:
             assert resp.status == 200
-    p2.app[TABLE][MODEL].replicas[1].in_flight = 0
+    p2.table[MODEL].replicas[1].in_flight = 0
     stream = orjson.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "x"}]})
     async with http.post(f"{p2.v1}/chat/completions", data=stream) as resp:
         await resp.read()

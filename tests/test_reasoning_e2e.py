@@ -54,9 +54,7 @@ async def test_per_model_override(cluster: Cluster) -> None:
         one = await client.chat.completions.create(model=MODEL, messages=MSGS)  # type: ignore[arg-type]
         assert _keys(one.choices[0].message.model_extra) == {"reasoning"}
     # the other model keeps the global default (its replica rejects the id, but the mode is per model)
-    from teraproxy.app import TABLE
-
-    assert p.app[TABLE]["other/model"].emit == "both" and p.app[TABLE][MODEL].emit == "reasoning"
+    assert p.table["other/model"].emit == "both" and p.table[MODEL].emit == "reasoning"
 
 
 async def test_reasoning_in_can_be_turned_off(cluster: Cluster) -> None:

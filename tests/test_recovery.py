@@ -9,7 +9,6 @@ from typing import Any
 import aiohttp
 import orjson
 
-from teraproxy.app import TABLE
 from tests.conftest import MODEL, Cluster, Proxy, free_port, wait_for
 
 
@@ -79,7 +78,7 @@ async def test_replica_back_after_outage_serves_at_once(cluster: Cluster, http: 
             models=[{"id": MODEL, "replicas": [{"url": fwd.url}]}],
             health={"interval": "300ms", "timeout": "200ms", "fall": 2, "rise": 1, "slow_start": 0},
             breaker={"failures": 1, "open": "10m", "max_open": "10m", "trial_wait": 0}, retry={"attempts": 1})
-        rep = p.app[TABLE][MODEL].replicas[0]
+        rep = p.table[MODEL].replicas[0]
         await wait_for(lambda: rep.up, 5)
         await fwd.stop()
         assert (await post(http, p, chat(1)))[0] == 502  # refused: the breaker opens (fall 2 at 300 ms: still up)
@@ -103,7 +102,7 @@ async def test_requests_wait_for_the_half_open_trial(cluster: Cluster, http: aio
     r.faults.fail_status, r.faults.fail_count = 500, 1
     p = await cluster.proxy([r], breaker={"failures": 1, "open": "200ms", "trial_wait": "30s"},
                             retry={"attempts": 1})
-    rep = p.app[TABLE][MODEL].replicas[0]
+    rep = p.table[MODEL].replicas[0]
     assert (await post(http, p, chat(1)))[0] == 500
     await wait_for(lambda: rep.breaker.state == "half_open", 5)
     trial = asyncio.ensure_future(post(http, p, chat(15)))
@@ -120,7 +119,7 @@ async def test_failed_trial_answers_the_waiters_at_once(cluster: Cluster, http: 
     r.faults.fail_status, r.faults.fail_count = 500, 1
     p = await cluster.proxy([r], breaker={"failures": 1, "open": "200ms", "trial_wait": "10m"},
                             retry={"attempts": 1}, timeouts={"headers": "500ms"})
-    rep = p.app[TABLE][MODEL].replicas[0]
+    rep = p.table[MODEL].replicas[0]
     assert (await post(http, p, chat(1)))[0] == 500
     await wait_for(lambda: rep.breaker.state == "half_open", 5)
     r.faults.hang_before_headers = True
@@ -137,7 +136,7 @@ async def test_trial_wait_is_bounded(cluster: Cluster, http: aiohttp.ClientSessi
     r.faults.fail_status, r.faults.fail_count = 500, 1
     p = await cluster.proxy([r], breaker={"failures": 1, "open": "200ms", "trial_wait": "300ms"},
                             retry={"attempts": 1}, timeouts={"headers": "1m"})
-    rep = p.app[TABLE][MODEL].replicas[0]
+    rep = p.table[MODEL].replicas[0]
     assert (await post(http, p, chat(1)))[0] == 500
     await wait_for(lambda: rep.breaker.state == "half_open", 5)
     r.faults.hang_before_headers = True

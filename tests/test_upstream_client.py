@@ -11,7 +11,6 @@ import orjson
 import pytest
 from aiohttp import web
 
-from teraproxy.app import TABLE
 from teraproxy.client import Client, UpstreamTimeout
 from tests.conftest import MODEL, Cluster, paused_stream, wait_for
 
@@ -87,7 +86,7 @@ async def test_slow_client_is_not_blamed_on_the_replica(cluster: Cluster) -> Non
     raw = await asyncio.wait_for(reader.read(), 30)
     writer.close()
     await writer.wait_closed()
-    rep = p.app[TABLE][MODEL].replicas[0]
+    rep = p.table[MODEL].replicas[0]
     assert b"went silent" not in raw and raw.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
     assert rep.failures == 0 and rep.breaker.state == "closed"
 
@@ -135,7 +134,7 @@ async def test_health_survives_a_malformed_models_answer(cluster: Cluster) -> No
     url = await cluster.raw_upstream(chat, more=(("GET", "/v1/models", models), ("GET", "/health", health)))
     p = await cluster.proxy(health={"interval": "100ms", "rise": 1},
                             models=[{"id": MODEL, "replicas": [{"url": url}]}])
-    rep = p.app[TABLE][MODEL].replicas[0]
+    rep = p.table[MODEL].replicas[0]
     await asyncio.sleep(0.4)
     assert not rep.up and "serves no model" in rep.reason
     state["bad"] = False
@@ -278,7 +277,7 @@ async def test_stalled_client_is_disconnected_and_replica_freed(cluster: Cluster
     await wait_for(lambda: r.stats.active == 1, 5)
     took = await wait_for(lambda: r.stats.active == 0, 5)
     assert 0.5 < took < 3 and r.stats.cancelled == 1 and r.stats.completed == 0
-    rep = p.app[TABLE][MODEL].replicas[0]
+    rep = p.table[MODEL].replicas[0]
     assert rep.failures == 0 and rep.breaker.state == "closed" and rep.in_flight == 0
     assert [line["status"] for line in p.access_lines()] == [499]
     assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]  # a stalled client is no error

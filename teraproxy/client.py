@@ -12,7 +12,12 @@ Invariants:
 - an exchange's outcome is signalled through ``error``/``complete`` plus a wake-up future, never
   by exceptions left in futures nobody awaits;
 - timeouts: connect (on connect), headers (request sent → response headers), idle (longest
-  silence in the body, checked lazily: one timer per exchange, not one per chunk).
+  silence in the body, checked lazily: one timer per exchange, not one per chunk);
+- a response head is at most MAX_HEAD bytes and MAX_HEADERS headers, and collected in linear time;
+- a request is written once: never replayed on another connection (see ``Client.request``);
+- the pool is the proxy's own: waiting for a connection raises ``PoolBusy``, never an
+  ``UpstreamFailure``, and waiters are served in arrival order (a connection or a slot that
+  frees up is handed to the first in line, so nobody can overtake it).
 """
 
 from __future__ import annotations
@@ -27,6 +32,12 @@ import httptools
 
 Origin = tuple[str, int, bool]  # host, port, tls
 
+# A replica's response head (status line, headers, and any 1xx answers before it) may take at most
+# MAX_HEAD bytes and MAX_HEADERS header lines, like nginx's proxy_buffer_size: vLLM sends ~200 bytes.
+MAX_HEAD = 64 * 1024
+MAX_HEADERS = 100
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
 
 class UpstreamFailure(Exception):
     """Connecting, sending or receiving failed. ``got_bytes``: the response had begun."""
@@ -40,25 +51,25 @@ class UpstreamTimeout(UpstreamFailure):
     pass
 
 
+class ResponseHeadTooLarge(UpstreamFailure):
+    """The replica's response head went past MAX_HEAD bytes or MAX_HEADERS headers."""
+
+
+class ResponseTooLarge(UpstreamFailure):
+    """The body went past the limit the caller gave ``read_all`` (``limits.max_response``)."""
+
+
+class PoolBusy(Exception):
+    """Every one of the client's connections stayed busy for the whole wait. The proxy's own
+    congestion, never a replica's fault: nothing was sent."""
+
+
 class Exchange:
     """One request/response on one connection."""
 
     __slots__ = (
-        "_chunks",
-        "_timer",
-        "_waiter",
-        "complete",
-        "conn",
-        "error",
-        "got_bytes",
-        "headers",
-        "headers_done",
-        "idle",
-        "keep_alive",
-        "last_data",
-        "loop",
-        "on_body",
-        "status",
+        "_chunks", "_timer", "_waiter", "complete", "conn", "error", "got_bytes", "head_bytes", "headers",
+        "headers_done", "idle", "keep_alive", "last_data", "loop", "on_body", "partial", "status",
     )
 
     def __init__(self, conn: _Conn, loop: asyncio.AbstractEventLoop, headers_timeout: float, idle: float) -> None:
@@ -70,6 +81,8 @@ class Exchange:
         self.complete = False
         self.keep_alive = False
         self.got_bytes = False
+        self.head_bytes = 0  # bytes of complete (1xx and final) heads fed to the parser
+        self.partial: bytearray | None = None  # a head still arriving, not yet fed
         self.error: UpstreamFailure | None = None
         self.idle = idle
         self.last_data = 0.0
@@ -145,30 +158,39 @@ class Exchange:
                 return v
         return None
 
-    async def read_all(self, limit: int | None = None) -> bytes:
-        """The whole body (at most ``limit`` bytes: past that the connection is dropped)."""
-        if limit is not None:
-            size = sum(map(len, self._chunks))
+    async def read_all(self, limit: int, truncate: bool = False) -> bytes:
+        """The whole body, at most ``limit`` bytes. Past that the connection is dropped (at once
+        when Content-Length announces it) and ResponseTooLarge is raised, or with ``truncate``
+        the first ``limit`` bytes are returned."""
+        declared = self.header(b"content-length")
+        if not truncate and declared is not None and declared.isdigit() and int(declared) > limit:
+            self.conn.abort()  # never pooled: release() sees an incomplete exchange
+            raise ResponseTooLarge(f"answer of {int(declared)} bytes is over the limit of {limit} bytes",
+                                   got_bytes=True)
+        size = sum(map(len, self._chunks))
 
-            def bounded(data: bytes) -> None:
-                nonlocal size
-                self._chunks.append(data)
-                size += len(data)
-                if size > limit:
-                    self.wake()
+        def bounded(data: bytes) -> None:
+            nonlocal size
+            self._chunks.append(data)
+            size += len(data)
+            if size > limit:
+                self.conn.pause()  # hold no more than one read past the limit
+                self.wake()
 
-            self.on_body = bounded
-        while not self.complete:
+        self.on_body = bounded
+        while not self.complete and size <= limit:
             if self.error is not None:
                 raise self.error
-            if limit is not None and size > limit:
-                self.conn.abort()  # never pooled: release() sees an incomplete exchange
-                break
             await self.wait()
         if self.error is not None:
             raise self.error
+        if size > limit:
+            self.conn.abort()
+            if not truncate:
+                self._chunks.clear()
+                raise ResponseTooLarge(f"answer over the limit of {limit} bytes", got_bytes=True)
         data = b"".join(self._chunks)
-        return data[:limit] if limit is not None else data
+        return data[:limit] if truncate else data
 
     def take_body(self) -> list[bytes]:
         """The list holding the body received so far. It keeps receiving chunks until ``on_body`` is
@@ -183,22 +205,14 @@ class Exchange:
         self.conn.resume()
 
 
-class _Desync(Exception):
-    """Raised from a parser callback to stop parsing a desynchronised connection."""
+class _StopParsing(Exception):
+    """Raised from a parser callback to stop parsing (a desynchronised connection, a head too large)."""
 
 
 class _Conn(asyncio.Protocol):
     __slots__ = (
-        "client",
-        "counted",
-        "ex",
-        "idle_since",
-        "interim",
-        "lost",
-        "origin",
-        "parser",
-        "paused",
-        "transport",
+        "client", "counted", "ex", "family", "fd", "idle_since", "interim", "lost", "origin", "parser",
+        "paused", "transport",
     )
 
     def __init__(self, origin: Origin, client: Client) -> None:
@@ -212,6 +226,8 @@ class _Conn(asyncio.Protocol):
         self.idle_since = 0.0
         self.counted = True  # holds one of the client's connection slots until closed
         self.interim = False  # inside a 1xx answer
+        self.fd = -1
+        self.family = 0
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -220,6 +236,7 @@ class _Conn(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # small writes (a request, then nothing until the answer) must not wait for Nagle
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.fd, self.family = sock.fileno(), sock.family
 
     def data_received(self, data: bytes) -> None:
         ex = self.ex
@@ -228,13 +245,71 @@ class _Conn(asyncio.Protocol):
             return
         ex.got_bytes = True
         try:
-            self.parser.feed_data(data)
+            if ex.headers_done:
+                self.parser.feed_data(data)
+            else:
+                self._feed_head(ex, data)
         except httptools.HttpParserUpgrade:
             ex.fail(UpstreamFailure("replica tried to upgrade the connection", got_bytes=True))
             self.abort()
         except httptools.HttpParserError as e:
             ex.fail(UpstreamFailure(f"malformed HTTP from replica: {e}", got_bytes=True))
             self.abort()
+
+    def _feed_head(self, ex: Exchange, data: bytes) -> None:
+        """Until the final head is in, feed the parser whole heads only. httptools joins a header
+        split across feeds by repeated concatenation (quadratic: an endless header cost 100% CPU
+        and hundreds of MiB), so a head arriving in pieces is collected here, in linear time."""
+        start = 0
+        if ex.partial is not None:
+            start = max(len(ex.partial) - 3, 0)  # the blank line may straddle two reads
+            ex.partial += data
+            if ex.partial.find(b"\r\n\r\n", start) < 0:
+                self._check_head(ex, len(ex.partial))
+                return
+            data, ex.partial = bytes(ex.partial), None
+        view, pos = memoryview(data), 0
+        while not ex.headers_done:  # more than one head only after 1xx answers
+            end = data.find(b"\r\n\r\n", max(start, pos)) + 4
+            if end < 4:
+                if self._check_head(ex, len(data) - pos):
+                    ex.partial = bytearray(view[pos:])
+                return
+            ex.head_bytes += end - pos
+            if not self._check_head(ex, 0):
+                return
+            self.parser.feed_data(view[pos:end])
+            pos = end
+            if self.lost:  # a callback failed the exchange (too many headers, desync)
+                return
+        if pos < len(data):
+            self.parser.feed_data(view[pos:])
+
+    def _check_head(self, ex: Exchange, pending: int) -> bool:
+        if ex.head_bytes + pending <= MAX_HEAD:
+            return True
+        ex.fail(ResponseHeadTooLarge(f"response head over {MAX_HEAD} bytes", got_bytes=True))
+        self.abort()
+        return False
+
+    def stale(self) -> bool:
+        """True if this idle connection can no longer carry a request: the replica closed or reset
+        it, or wrote to it, after the event loop last looked. Checked (one non-blocking peek)
+        just before a reuse, so that a request is only written to a live connection."""
+        if self.lost or self.transport is None or self.transport.is_closing():
+            return True
+        if self.fd < 0:
+            return False
+        sock = socket.socket(self.family, socket.SOCK_STREAM, 0, self.fd)
+        try:
+            data = sock.recv(1, _PEEK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        finally:
+            sock.detach()  # the fd stays the transport's
+        return not data or not self.origin[2]  # EOF, or stray bytes (TLS: maybe a session ticket)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -258,10 +333,16 @@ class _Conn(asyncio.Protocol):
         if self.ex is not None and self.ex.complete:  # bytes after a complete answer: desynchronised
             self.ex.keep_alive = False
             self.abort()
-            raise _Desync  # stops the parser: nothing more may touch the finished exchange
+            raise _StopParsing  # nothing more may touch the finished exchange
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.ex.headers.append((name, value))  # type: ignore[union-attr]
+        headers = self.ex.headers  # type: ignore[union-attr]
+        if len(headers) >= MAX_HEADERS:
+            self.ex.fail(ResponseHeadTooLarge(f"more than {MAX_HEADERS} response headers",  # type: ignore[union-attr]
+                                              got_bytes=True))
+            self.abort()
+            raise _StopParsing
+        headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -308,29 +389,30 @@ class Client:
         self.limit = limit
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
-        self.open = 0
+        self.open = 0  # connections open, being opened, or promised to a waiter
         self._idle: dict[Origin, deque[_Conn]] = {}
-        self._slots: deque[asyncio.Future[None]] = deque()
+        # FIFO of (origin, future); the future gets the connection handed over, or None: "a slot is
+        # yours, connect". Invariant: while anyone waits there is no idle connection and no free slot.
+        self._waiters: deque[tuple[Origin, asyncio.Future[_Conn | None]]] = deque()
         self._ssl: ssl_mod.SSLContext | None = None
         self.closed = False
 
     async def request(self, origin: Origin, head: bytes, body: bytes, headers_timeout: float,
                       idle: float) -> Exchange:
-        """Send one request; returns once response headers are in (or raises UpstreamFailure)."""
+        """Send one request; returns once response headers are in. Raises PoolBusy (nothing was
+        sent) or UpstreamFailure.
+
+        A request is written once and never replayed, not even when a reused keep-alive
+        connection fails right after the write: the replica may have read it, and vLLM would run
+        a POST twice (it is not idempotent; Go's net/http, likewise, retries a non-replayable
+        request only when nothing was written). What makes reuse safe instead is checking a pooled
+        connection just before writing (``_Conn.stale``): one the replica closed is dropped and
+        another taken, and a request nobody wrote can be sent anywhere. A failure after the write
+        goes to the caller, which may try another replica, never this one again."""
         loop = asyncio.get_running_loop()
-        conn, reused = await self._acquire(origin, loop)
-        sent = loop.time()
+        conn, _ = await self._acquire(origin, loop)
         ex = self._send(conn, loop, head, body, headers_timeout, idle)
-        try:
-            await self._headers(ex)
-        except UpstreamFailure as e:
-            if not reused or e.got_bytes or isinstance(e, UpstreamTimeout) or loop.time() - sent > 0.25:
-                raise
-            # the replica closed a kept-alive connection just as we reused it (the reset comes at
-            # once): it processed nothing, so try once more on a fresh connection. Not a failure.
-            conn = await self._connect(origin, loop)
-            ex = self._send(conn, loop, head, body, headers_timeout, idle)
-            await self._headers(ex)
+        await self._headers(ex)
         return ex
 
     def _send(self, conn: _Conn, loop: asyncio.AbstractEventLoop, head: bytes, body: bytes,
@@ -361,49 +443,89 @@ class Client:
         conn = ex.conn
         conn.ex = None
         if ex.complete and ex.keep_alive and not conn.lost and not self.closed and not conn.paused:
-            now = ex.loop.time()
-            conn.idle_since = now
-            idle = self._idle.setdefault(conn.origin, deque())
-            idle.append(conn)
-            while idle and now - idle[0].idle_since > self.keepalive:  # amortised expiry
-                self._close(idle.popleft())
-            self._wake_next()  # a waiter for this origin can take it, any other can evict it
+            self._reuse(conn)
+        else:
+            self._close(conn)
+
+    def _reuse(self, conn: _Conn) -> None:
+        """A connection free for another request: to the first waiter in line (closed to make room
+        if that one waits for another origin), else into the idle pool."""
+        while self._waiters:
+            want, fut = self._waiters.popleft()
+            if fut.done():  # gave up (timeout, client gone)
+                continue
+            if want == conn.origin:
+                fut.set_result(conn)
+            else:
+                self._close(conn, keep_slot=True)  # the slot passes to the waiter
+                fut.set_result(None)
             return
-        self._close(conn)
+        now = asyncio.get_running_loop().time()
+        conn.idle_since = now
+        idle = self._idle.setdefault(conn.origin, deque())
+        idle.append(conn)
+        while idle and now - idle[0].idle_since > self.keepalive:  # amortised expiry
+            self._close(idle.popleft())
 
     async def _acquire(self, origin: Origin, loop: asyncio.AbstractEventLoop) -> tuple[_Conn, bool]:
-        """A connection to origin: a pooled one, a new one within the limit, or a new one after
-        closing the longest-idle connection to any origin; else wait (at most connect_timeout)."""
-        deadline = loop.time() + self.connect_timeout
-        while True:
+        """A connection to origin and whether it was reused: a pooled one, a new one within the
+        limit, or a new one after closing the longest-idle connection to any origin; else wait in
+        line, at most connect_timeout in all, then PoolBusy."""
+        if not self._someone_waits():  # else queue behind them: nobody overtakes a waiter
             conn = self._take_idle(origin, loop.time())
             if conn is not None:
                 return conn, True
             if self.open < self.limit or self._evict_idle():
-                return await self._connect(origin, loop), False
-            fut: asyncio.Future[None] = loop.create_future()
-            self._slots.append(fut)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await fut
-            except TimeoutError:
-                if fut.done() and not fut.cancelled():
-                    self._wake_next()  # woken in the same turn the deadline passed: pass it on
-                raise UpstreamTimeout(f"all {self.limit} upstream connections busy "
-                                      f"(upstream.max_connections) for {self.connect_timeout:g}s") from None
-            except asyncio.CancelledError:
-                if fut.done() and not fut.cancelled():
-                    self._wake_next()  # pass on the wake-up this task can no longer use
-                raise
-            finally:
-                if fut in self._slots:
-                    self._slots.remove(fut)
+                self.open += 1
+                return await self._dial(origin, loop), False
+        deadline = loop.time() + self.connect_timeout
+        front = False
+        while True:
+            got = await self._wait(origin, loop, deadline, front)
+            if got is None:  # a slot was handed to us: it is already counted in self.open
+                return await self._dial(origin, loop), False
+            if not got.stale():
+                return got, True
+            if got.counted:  # it died in our hands: its slot is still ours
+                self._close(got, keep_slot=True)
+                return await self._dial(origin, loop), False
+            front = True  # it died before we ran and its slot went on: wait again, first in line
+
+    def _someone_waits(self) -> bool:
+        q = self._waiters
+        while q and q[0][1].done():
+            q.popleft()
+        return bool(q)
+
+    async def _wait(self, origin: Origin, loop: asyncio.AbstractEventLoop, deadline: float,
+                    front: bool) -> _Conn | None:
+        fut: asyncio.Future[_Conn | None] = loop.create_future()
+        if front:
+            self._waiters.appendleft((origin, fut))
+        else:
+            self._waiters.append((origin, fut))
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await fut
+        except BaseException as e:
+            if fut.done() and not fut.cancelled():  # handed over in the turn we gave up: pass it on
+                got = fut.result()
+                if got is None:
+                    self._freed()
+                elif got.lost:
+                    self._close(got)
+                else:
+                    self._reuse(got)
+            if isinstance(e, TimeoutError):
+                raise PoolBusy(f"all {self.limit} upstream connections busy (upstream.max_connections) "
+                               f"for {self.connect_timeout:g}s") from None
+            raise
 
     def _take_idle(self, origin: Origin, now: float) -> _Conn | None:
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()  # most recently used: warmest, least likely to be timed out
-            if conn.lost or now - conn.idle_since > self.keepalive:
+            if now - conn.idle_since > self.keepalive or conn.stale():
                 self._close(conn)
                 continue
             return conn
@@ -426,9 +548,8 @@ class Client:
             q.remove(conn)
         self._close(conn)
 
-    async def _connect(self, origin: Origin, loop: asyncio.AbstractEventLoop) -> _Conn:
-        """A new connection; the caller made sure a slot is free (it is taken here, synchronously)."""
-        self.open += 1
+    async def _dial(self, origin: Origin, loop: asyncio.AbstractEventLoop) -> _Conn:
+        """A new connection on a slot already counted in ``open``; on failure the slot is freed."""
         host, port, tls = origin
         made: list[_Conn] = []
 
@@ -458,24 +579,23 @@ class Client:
             self._ssl = ssl_mod.create_default_context()
         return self._ssl
 
-    def _close(self, conn: _Conn) -> None:
+    def _close(self, conn: _Conn, keep_slot: bool = False) -> None:
         if conn.transport is not None and not conn.transport.is_closing():
             conn.transport.close()
         conn.lost = True
         if conn.counted:
             conn.counted = False
-            self._freed()
+            if not keep_slot:
+                self._freed()
 
     def _freed(self) -> None:
-        self.open -= 1
-        self._wake_next()
-
-    def _wake_next(self) -> None:
-        while self._slots:
-            fut = self._slots.popleft()
+        """A slot is free: it goes to the first live waiter (counted for it at once), else back."""
+        while self._waiters:
+            _, fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_result(None)
-                break
+                return
+        self.open -= 1
 
     def drop_origin(self, origin: Origin) -> None:
         """Close the pooled connections to an origin no longer in the config (a retired replica)."""
@@ -489,4 +609,3 @@ class Client:
             while idle:
                 self._close(idle.pop())
         await asyncio.sleep(0)
-

@@ -70,6 +70,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class Limits:
     max_body: int = 8 * 1024 * 1024
+    max_response: int = 32 * 1024 * 1024  # a non-streamed answer read into memory; over it: 502
     body_read: float = 30.0  # deadline for reading a request body
 
 
@@ -456,7 +457,8 @@ def parse_config(raw: Any, warnings: list[str] | None = None) -> Config:
         models=_models(r, raw, emit),
         reasoning=emit,
         limits=_section(r, raw, "limits", Limits,
-                        {"max_body": _positive(parse_size), "body_read": pdur}),
+                        {"max_body": _positive(parse_size), "body_read": pdur,
+                         "max_response": _positive(parse_size)}),
         timeouts=_section(r, raw, "timeouts", Timeouts,
                           {"connect": pdur, "headers": pdur, "idle": pdur, "keepalive": pdur,
                            "client_stall": pdur}),

@@ -122,6 +122,15 @@ class QueueTimeout(ProxyError):
     code = "queue_timeout"
 
 
+class UpstreamBusy(ProxyError):
+    """All of the gateway's own upstream connections (upstream.max_connections) stayed busy:
+    the gateway's congestion, not a replica's fault (no breaker is charged, nothing is retried)."""
+
+    status = 503
+    type = "server_error"
+    code = "upstream_busy"
+
+
 class UpstreamTimeout(ProxyError):
     status = 504
     type = "server_error"

@@ -38,6 +38,7 @@ from teraproxy.errors import (
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
+    UpstreamBusy,
     UpstreamError,
     UpstreamTimeout,
     error_body,
@@ -63,9 +64,11 @@ _DONE_TAIL = b"[DONE]"
 class _AttemptFailed(Exception):
     """One attempt failed before the commit point: count it against the replica, maybe retry."""
 
-    def __init__(self, error: ProxyError | None = None, status: int = 0, body: bytes = b"") -> None:
+    def __init__(self, error: ProxyError | None = None, status: int = 0, body: bytes = b"",
+                 final: bool = False) -> None:
         super().__init__(error.message if error else f"HTTP {status}")
         self.error = error
+        self.final = final  # another replica would fail the same way: no retry
         self.status = status  # a replica's own 5xx answer, kept for the client if retries run out
         self.body = body
 
@@ -286,6 +289,8 @@ class Proxy:
                 replica.failures += 1
                 last = e
                 log.warning("replica %s failed for %s (attempt %d): %s", replica.url, ctx.rid, ctx.attempts, e)
+                if e.final:
+                    break
             finally:
                 replica.in_flight -= 1
                 if verdict is None:
@@ -327,10 +332,12 @@ class Proxy:
                                            t.headers if mode == "full" else t.idle, t.idle)
         except client.UpstreamFailure as e:
             raise _failed(replica, "did not answer", e) from None
+        except client.PoolBusy as e:  # our own congestion: no verdict on the replica, no retry
+            raise UpstreamBusy(f"The gateway is busy: {e}; retry shortly.", headers={"Retry-After": "1"}) from None
         try:
             status = ex.status
             if status >= 400:
-                data = await self._read(ex, replica, limit=65536)
+                data = await self._read(ex, replica, 65536, truncate=True)
                 if status == 401 and _is_bare_unauthorized(data):
                     log.error("replica %s REJECTED teraproxy's own credentials (HTTP 401): check "
                               "models[].replicas[].api_key for model %s", replica.url, pool.id)
@@ -341,7 +348,7 @@ class Proxy:
                 ctx.error = f"replica answered {status}"
                 return self._replica_error(request, status, data)
             if mode == "full":
-                data = await self._read(ex, replica)
+                data = await self._read(ex, replica, ctx.snap.config.limits.max_response)
                 if chat and pool.emit != "passthrough":
                     data = sse.rewrite_message_body(data, pool.emit)
                 ctx.ttfb = time.monotonic() - ctx.t0
@@ -352,9 +359,9 @@ class Proxy:
         finally:
             self.client.release(ex)  # pooled again after a complete answer, closed otherwise
 
-    async def _read(self, ex: client.Exchange, replica: Replica, limit: int | None = None) -> bytes:
+    async def _read(self, ex: client.Exchange, replica: Replica, limit: int, truncate: bool = False) -> bytes:
         try:
-            return await ex.read_all(limit)
+            return await ex.read_all(limit, truncate)
         except client.UpstreamFailure as e:
             raise _failed(replica, "broke its answer", e) from None
 
@@ -546,7 +553,12 @@ def _error_class(e: client.UpstreamFailure) -> type[ProxyError]:
 
 
 def _failed(replica: Replica, what: str, e: client.UpstreamFailure) -> _AttemptFailed:
-    """A failed attempt that counts against the replica: 504 for a timeout, 502 for anything else."""
+    """A failed attempt that counts against the replica: 504 for a timeout, 502 for anything else.
+    An answer over limits.max_response is not retried: the size comes from the request (n, max_tokens,
+    logprobs), so another replica would spend a whole generation to fail the same way."""
+    if isinstance(e, client.ResponseTooLarge):
+        return _AttemptFailed(UpstreamError(f"Replica {replica.url} {what}: {e}", code="response_too_large"),
+                              final=True)
     return _AttemptFailed(_error_class(e)(f"Replica {replica.url} {what}: {e}"))
 
 

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from teraproxy.client import Client, UpstreamTimeout
+from teraproxy.client import Client, PoolBusy
 from tests.conftest import MODEL, Cluster, paused_stream, wait_for
 
 BODY = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
@@ -57,7 +57,7 @@ async def test_pool_wait_is_bounded_and_wakeups_are_not_lost() -> None:
         try:  # the only slot is busy: a waiter gives up after connect_timeout
             await c._acquire(origin, loop)
             raise AssertionError("expected a timeout")
-        except UpstreamTimeout as e:
+        except PoolBusy as e:
             assert "max_connections" in str(e)
         b = asyncio.create_task(c._acquire(origin, loop))
         d = asyncio.create_task(c._acquire(origin, loop))
@@ -250,7 +250,8 @@ async def test_cancelled_connect_frees_its_slot_once(monkeypatch: Any) -> None:
 
     try:
         monkeypatch.setattr(client_mod._Conn, "connection_made", made)
-        victim.append(asyncio.create_task(c._connect(origin, loop)))
+        c.open += 1  # the slot _acquire would have taken
+        victim.append(asyncio.create_task(c._dial(origin, loop)))
         await asyncio.gather(victim[0], return_exceptions=True)
         monkeypatch.undo()
         await asyncio.sleep(0.05)
@@ -260,7 +261,7 @@ async def test_cancelled_connect_frees_its_slot_once(monkeypatch: Any) -> None:
         try:  # and the limit still holds
             await c._acquire(origin, loop)
             raise AssertionError("a second connection beyond the limit")
-        except UpstreamTimeout:
+        except PoolBusy:
             pass
         c._close(conn)
     finally:

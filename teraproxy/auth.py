@@ -41,7 +41,7 @@ class KeyTable:
 
     @staticmethod
     def allow_model(key: KeyConfig | None, model: str) -> None:
-        if key is not None and key.models is not None and model not in key.models:
+        if key is not None and not key.may_use(model):
             raise PermissionDenied(f"The API key '{key.name}' may not use model '{model}'.")
 
 

@@ -7,6 +7,7 @@ request path only ever reads attributes. ``load_config`` raises ConfigError with
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from dataclasses import dataclass, field
@@ -40,14 +41,39 @@ class Listen:
 class KeyConfig:
     name: str
     sha256: bytes  # raw digest of the bearer token
-    models: frozenset[str] | None  # None: every model
+    models: frozenset[str] | None  # None: every model; exact ids (globs are in model_globs)
     priority: str = "normal"  # admission queue class: high | normal | low
+    model_globs: re.Pattern[str] | None = None  # the shell-style patterns of `models`, as one regex
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_in_flight: int | None = None
+
+    def may_use(self, model: str) -> bool:
+        if self.models is None or model in self.models:
+            return True
+        return self.model_globs is not None and self.model_globs.fullmatch(model) is not None
+
+    @property
+    def limited(self) -> bool:
+        return (self.requests_per_minute is not None or self.tokens_per_minute is not None
+                or self.max_in_flight is not None)
 
 
 @dataclass(frozen=True)
 class AuthConfig:
     enabled: bool
     keys: tuple[KeyConfig, ...] = ()
+    keys_file: str | None = None
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    backend: str = "memory"  # memory (this process) | redis (shared by every instance on one Redis)
+    redis_url: str | None = None
+    on_backend_error: str = "allow"  # allow: serve and count the error | deny: answer 503
+    redis_timeout: float = 0.05  # deadline of one Redis call
+    lease_ttl: float = 30.0  # an in-flight slot of a killed instance is free again after this
+    meter_streams: bool = False  # ask every stream for its usage, so teraproxy_tokens_total counts all
 
 
 @dataclass(frozen=True)
@@ -157,6 +183,7 @@ class Config:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     reasoning: str = "both"
     load: LoadConfig = field(default_factory=LoadConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -311,41 +338,120 @@ def _section(r: _Reader, raw: dict[str, Any], name: str, cls: Any, convs: dict[s
     return cls(**{k: r.get(d, k, name, c, getattr(defaults, k)) for k, c in convs.items()})
 
 
-def _auth(r: _Reader, raw: dict[str, Any]) -> AuthConfig:
+_KEY_FIELDS = {"name", "sha256", "models", "priority", "requests_per_minute", "tokens_per_minute", "max_in_flight"}
+
+
+def _auth(r: _Reader, raw: dict[str, Any], base: Path | None) -> AuthConfig:
     if "auth" not in raw:
         r.fail("auth", "missing: write `auth: off` for open access, or list keys")
         return AuthConfig(enabled=False)
     v = raw["auth"]
     if v is False or v == "off":
         return AuthConfig(enabled=False)
-    d = r.mapping(v, "auth", {"keys"})
+    d = r.mapping(v, "auth", {"keys", "keys_file"})
     keys_raw = d.get("keys")
-    if not isinstance(keys_raw, list) or not keys_raw:
-        r.fail("auth.keys", "must be a non-empty list (or write `auth: off`)")
-        return AuthConfig(enabled=True)
+    if keys_raw is not None and not isinstance(keys_raw, list):
+        r.fail("auth.keys", "must be a list of keys")
+        keys_raw = None
+    entries: list[tuple[str, Any]] = [(f"auth.keys[{i}]", k) for i, k in enumerate(keys_raw or [])]
+    keys_file = d.get("keys_file")
+    before = len(r.problems)
+    if keys_file is not None:
+        if not isinstance(keys_file, str) or not keys_file:
+            r.fail("auth.keys_file", "must be a file path")
+            keys_file = None
+        else:
+            keys_file = str(base / keys_file) if base is not None and not os.path.isabs(keys_file) else keys_file
+            entries += _keys_file(r, keys_file)
+    if not entries and len(r.problems) == before:
+        r.fail("auth.keys", "must be a non-empty list (or name a keys_file, or write `auth: off`)")
     keys: list[KeyConfig] = []
-    seen: set[bytes] = set()
-    for i, k in enumerate(keys_raw):
-        p = f"auth.keys[{i}]"
-        kd = r.mapping(k, p, {"name", "sha256", "models", "priority"})
-        name = kd.get("name")
-        if not isinstance(name, str) or not name:
-            r.fail(f"{p}.name", "must be a non-empty string")
-            name = "?"
-        digest = r.get(kd, "sha256", p, _sha256, None)
-        if "sha256" not in kd:
-            r.fail(f"{p}.sha256", "missing")
-        models = kd.get("models")
-        if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
-            r.fail(f"{p}.models", "must be a list of model ids")
-            models = None
-        if digest is not None:
-            if digest in seen:
-                r.fail(f"{p}.sha256", "duplicate key")
-            seen.add(digest)
-            keys.append(KeyConfig(name, digest, frozenset(models) if models is not None else None,
-                                  r.get(kd, "priority", p, _choice(PRIORITIES), "normal")))
-    return AuthConfig(enabled=True, keys=tuple(keys))
+    seen: dict[bytes, str] = {}
+    names: dict[str, str] = {}
+    for p, k in entries:
+        key = _key(r, k, p)
+        if key is None:
+            continue
+        if key.sha256 in seen:
+            r.fail(f"{p}.sha256", f"duplicate key (also {seen[key.sha256]})")
+        elif key.name in names:
+            r.fail(f"{p}.name", f"duplicate name (also {names[key.name]}): limits and metrics go by name")
+        seen[key.sha256] = names[key.name] = p
+        keys.append(key)
+    return AuthConfig(enabled=True, keys=tuple(keys), keys_file=keys_file)
+
+
+def _keys_file(r: _Reader, path: str) -> list[tuple[str, Any]]:
+    """The entries of a keys file: a list of keys, or a mapping with `keys:`; problems name the file."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        r.fail("auth.keys_file", f"cannot read {path}: {e.strerror or e}")
+        return []
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        r.fail("auth.keys_file", f"{path}: invalid YAML{where}: {getattr(e, 'problem', None) or 'invalid YAML'}")
+        return []
+    if isinstance(raw, dict) and set(raw) <= {"keys"}:
+        raw = raw.get("keys")
+    if not isinstance(raw, list):
+        r.fail("auth.keys_file", f"{path}: must be a list of keys (or a mapping with `keys:`)")
+        return []
+    return [(f"{path}: keys[{i}]", k) for i, k in enumerate(raw)]
+
+
+def _key(r: _Reader, k: Any, p: str) -> KeyConfig | None:
+    kd = r.mapping(k, p, _KEY_FIELDS)
+    name = kd.get("name")
+    if not isinstance(name, str) or not name or not name.isprintable():
+        r.fail(f"{p}.name", "must be a non-empty string")
+        name = "?"
+    digest = r.get(kd, "sha256", p, _sha256, None)
+    if "sha256" not in kd:
+        r.fail(f"{p}.sha256", "missing")
+    models = kd.get("models")
+    if models is not None and not (isinstance(models, list) and all(isinstance(m, str) and m for m in models)):
+        r.fail(f"{p}.models", "must be a list of model ids (shell-style globs allowed, e.g. \"openai/*\")")
+        models = None
+    exact = frozenset(m for m in models if not _is_glob(m)) if models is not None else None
+    globs = [m for m in models or () if _is_glob(m)]
+    pos = _int(1)
+    rpm = r.get(kd, "requests_per_minute", p, pos, None)
+    tpm = r.get(kd, "tokens_per_minute", p, pos, None)
+    cap = r.get(kd, "max_in_flight", p, pos, None)
+    if digest is None:
+        return None
+    pattern = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs)) if globs else None
+    return KeyConfig(name, digest, exact, priority=r.get(kd, "priority", p, _choice(PRIORITIES), "normal"),
+                     model_globs=pattern, requests_per_minute=rpm, tokens_per_minute=tpm, max_in_flight=cap)
+
+
+def _is_glob(model: str) -> bool:
+    return any(c in model for c in "*?[")
+
+
+def _ratelimit(r: _Reader, raw: dict[str, Any]) -> RateLimitConfig:
+    convs = {"backend": _choice(("memory", "redis")), "redis_url": _redis_url,
+             "on_backend_error": _choice(("allow", "deny")), "redis_timeout": _positive(parse_duration),
+             "lease_ttl": _positive(parse_duration), "meter_streams": _bool}
+    d = r.mapping(raw.get("ratelimit"), "ratelimit", set(convs) | {"anonymous"})
+    if "anonymous" in d:
+        r.fail("ratelimit.anonymous", "not supported: limits are per API key; list keys under `auth.keys` "
+                                      "(per-IP limits belong in the load balancer in front)")
+    cfg: RateLimitConfig = _section(r, {"ratelimit": {k: v for k, v in d.items() if k in convs}}, "ratelimit",
+                                    RateLimitConfig, convs)
+    if cfg.backend == "redis" and cfg.redis_url is None:
+        r.fail("ratelimit.redis_url", "missing: backend redis needs e.g. redis://127.0.0.1:6379/0")
+    if cfg.backend == "memory" and cfg.redis_url is not None:
+        r.fail("ratelimit.redis_url", "given, but ratelimit.backend is memory (write `backend: redis`)")
+    return cfg
+
+
+def _redis_url(v: Any) -> str:
+    if not isinstance(v, str) or urlsplit(v).scheme not in ("redis", "rediss", "unix") or "://" not in v:
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return v
 
 
 def _replica(r: _Reader, raw: Any, p: str) -> ReplicaConfig | None:
@@ -433,12 +539,13 @@ def _reasoning_emit(v: Any) -> str:
     return str(_choice(EMITS)(v))
 
 
-def parse_config(raw: Any, warnings: list[str] | None = None) -> Config:
+def parse_config(raw: Any, warnings: list[str] | None = None, base: Path | None = None) -> Config:
     """Validate a raw YAML tree. With ``warnings`` (``teraproxy check``), problems of this machine's
-    environment rather than of the file are appended there instead of failing."""
+    environment rather than of the file are appended there instead of failing. ``base``: the directory
+    relative paths in the config (auth.keys_file) are taken from."""
     r = _Reader(warnings)
     top = {"listen", "admin_listen", "auth", "models", "limits", "timeouts", "upstream",
-           "health", "breaker", "retry", "log", "reasoning", "load", "queue"}
+           "health", "breaker", "retry", "log", "reasoning", "load", "queue", "ratelimit"}
     if not isinstance(raw, dict):
         raise ConfigError(["(top level): must be a mapping of settings"])
     r.mapping(raw, "", top)
@@ -450,10 +557,12 @@ def parse_config(raw: Any, warnings: list[str] | None = None) -> Config:
         r.fail("admin_listen", "must differ from listen (metrics and admin never share the API port)")
     emit = r.get(raw, "reasoning", "", _reasoning_emit, "both")
     dur, pdur, pint = parse_duration, _positive(parse_duration), _int(1)
+    auth = _auth(r, raw, base)
     cfg = Config(
         listen=listen,
         admin_listen=admin,
-        auth=_auth(r, raw),
+        auth=auth,
+        ratelimit=_ratelimit(r, raw),
         models=_models(r, raw, emit),
         reasoning=emit,
         limits=_section(r, raw, "limits", Limits,
@@ -507,4 +616,4 @@ def load_config(path: str | os.PathLike[str], warnings: list[str] | None = None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise ConfigError([f"{path}: invalid YAML{where}: {problem}"]) from None
-    return parse_config(raw, warnings)
+    return parse_config(raw, warnings, Path(path).parent)

@@ -147,7 +147,7 @@ class Proxy:
     async def list_models(self, request: web.Request) -> web.Response:
         key = self._auth(request)
         table = request[CTX].snap.table
-        data = [self._model_obj(m) for m in table if key is None or key.models is None or m in key.models]
+        data = [self._model_obj(m) for m in table if key is None or key.may_use(m)]
         return self._json(request, {"object": "list", "data": data})
 
     async def get_model(self, request: web.Request) -> web.Response:

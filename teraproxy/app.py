@@ -23,7 +23,8 @@ from aiohttp import web
 from teraproxy.accesslog import AccessLog
 from teraproxy.client import Client
 from teraproxy.config import Config, load_config
-from teraproxy.errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError
+from teraproxy.edge import Edge, Runner, defer_continue
+from teraproxy.errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError, echo
 from teraproxy.health import HealthChecker
 from teraproxy.loadreport import LoadReporter
 from teraproxy.metrics import Metrics
@@ -50,11 +51,11 @@ def _error_response(e: ProxyError, rid: str) -> web.Response:
 
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> ProxyError:
     if exc.status == 404:
-        return NotFound(f"teraproxy does not serve {request.method} {request.path}: it serves "
+        return NotFound(f"teraproxy does not serve {request.method} {echo(request.path)}: it serves "
                         f"{', '.join(_SERVED)}.", code="unsupported_endpoint")
     if exc.status == 405:
         allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
-        return MethodNotAllowed(f"{request.method} is not allowed on {request.path}"
+        return MethodNotAllowed(f"{request.method} is not allowed on {echo(request.path)}"
                                 + (f"; use {allowed}." if allowed else "."), headers={"Allow": allowed})
     if exc.status == 413:
         return PayloadTooLarge("Request body is over the configured limit.")
@@ -88,6 +89,8 @@ async def edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
                 raise  # the answer has begun: aiohttp closes the connection, the client sees a cut
             resp = _error_response(ProxyError("Internal error in the gateway; it has been logged."), ctx.rid)
         status = 499 if ctx.client_gone else resp.status
+        if not request.content.is_eof():  # answered before the body came (e.g. 401 to Expect: 100-continue):
+            resp.force_close()            # the rest of it cannot be told from a next request
         return resp
     finally:
         elapsed = time.monotonic() - ctx.t0
@@ -96,7 +99,7 @@ async def edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
         alog = request.app[ACCESS]
         if alog.stream is not None:
             alog.write({
-                "ts": round(time.time(), 3), "rid": ctx.rid, "method": request.method, "path": request.path,
+                "ts": round(time.time(), 3), "rid": ctx.rid, "method": request.method, "path": echo(request.path),
                 "status": status, "model": ctx.model, "key": ctx.key, "stream": ctx.stream,
                 "replica": ctx.replica, "attempts": ctx.attempts,
                 "ttfb_ms": None if ctx.ttfb is None else round(ctx.ttfb * 1000, 2),
@@ -117,11 +120,12 @@ def create_app(config: Config, path: str | None = None) -> web.Application:
     upstream = Client(config.upstream.max_connections, config.upstream.keepalive, config.timeouts.connect)
     proxy = app[PROXY] = Proxy(live, upstream)
     app.cleanup_ctx.append(_resources)
-    app.router.add_post("/v1/chat/completions", proxy.chat)
-    app.router.add_post("/v1/completions", proxy.completions)
-    app.router.add_post("/v1/audio/speech", proxy.speech)
-    app.router.add_get("/v1/models", proxy.list_models, allow_head=False)
-    app.router.add_get("/v1/models/{model:.+}", proxy.get_model, allow_head=False)
+    later = defer_continue  # 100 Continue only once the key and the size have passed
+    app.router.add_post("/v1/chat/completions", proxy.chat, expect_handler=later)
+    app.router.add_post("/v1/completions", proxy.completions, expect_handler=later)
+    app.router.add_post("/v1/audio/speech", proxy.speech, expect_handler=later)
+    app.router.add_get("/v1/models", proxy.list_models, allow_head=False, expect_handler=later)
+    app.router.add_get("/v1/models/{model:.+}", proxy.get_model, allow_head=False, expect_handler=later)
     return app
 
 
@@ -220,8 +224,9 @@ async def start_servers(config: Config, path: str | None = None) -> tuple[web.Ap
     app = create_app(config, path)
     runners: list[web.AppRunner] = []
     try:
-        runner = web.AppRunner(app, handler_cancellation=True, keepalive_timeout=config.timeouts.keepalive,
-                               access_log=None, shutdown_timeout=30.0)
+        runner = Runner(app, Edge(app[ACCESS], app[METRICS]), handler_cancellation=True,
+                        keepalive_timeout=config.timeouts.keepalive,
+                        access_log=None, shutdown_timeout=30.0)
         await runner.setup()
         runners.append(runner)
         await _bind(runner, config.listen.host, config.listen.port, "listen")

@@ -12,6 +12,13 @@ from typing import Any, ClassVar
 
 import orjson
 
+ECHO_MAX = 256  # characters of a client's string echoed in an answer or logged
+
+
+def echo(text: str) -> str:
+    """A client's string as we may repeat it: whole up to ECHO_MAX characters, cut with an ellipsis beyond."""
+    return text if len(text) <= ECHO_MAX else text[:ECHO_MAX] + "…"
+
 
 def error_body(message: str, type_: str, code: str | None) -> bytes:
     """The OpenAI error shape: ``{"error": {"message", "type", "param", "code"}}``."""
@@ -46,6 +53,12 @@ class BadRequest(ProxyError):
     code = "invalid_request"
 
 
+class BadHttpRequest(BadRequest):
+    """The request could not be parsed as HTTP (answered by edge.Protocol, before any route)."""
+
+    code = "bad_http_request"
+
+
 class AuthError(ProxyError):
     status = 401
     type = "invalid_request_error"
@@ -66,6 +79,12 @@ class NotFound(ProxyError):
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
+
+    @classmethod
+    def absent(cls, model: str) -> ModelNotFound:
+        """One message for a model that is not served and for one the key may not use: a key must
+        not learn which models exist beyond those it may use (``/v1/models`` hides them too)."""
+        return cls(f"The model '{echo(model)}' does not exist or you do not have access to it.")
 
 
 class MethodNotAllowed(ProxyError):

@@ -27,7 +27,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from teraproxy import client, sse
+from teraproxy import client, edge, sse
 from teraproxy.balance import RetryBudget, pick
 from teraproxy.breaker import ALLOWED, DENIED
 from teraproxy.config import KeyConfig
@@ -41,6 +41,7 @@ from teraproxy.errors import (
     UpstreamBusy,
     UpstreamError,
     UpstreamTimeout,
+    echo,
     error_body,
     normalise_upstream_error,
 )
@@ -50,12 +51,13 @@ from teraproxy.upstreams import ModelPool, Replica
 log = logging.getLogger("teraproxy")
 
 # Never forwarded to a replica: hop-by-hop headers (RFC 9110 §7.6.1), framing we rebuild, the
-# client's credentials, and OpenAI account headers Tera does not accept.
+# client's credentials, and OpenAI account headers Tera does not accept. X-Forwarded-For and
+# Forwarded are rebuilt by edge.forwarding.
 _DROP_REQUEST = frozenset(h.lower().encode() for h in (
     "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization", "TE",
     "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Content-Encoding",
     "Accept-Encoding", "Authorization", "Cookie", "X-Api-Key", "Api-Key", "OpenAI-Organization",
-    "OpenAI-Project", "Expect", "X-Request-ID", "X-Forwarded-For", "Content-Type"))
+    "OpenAI-Project", "Expect", "X-Request-ID", "X-Forwarded-Proto", "Content-Type"))
 # Copied from a replica's answer to the client (everything else is rebuilt or dropped).
 _KEEP_RESPONSE = (("Content-Type", b"content-type"), ("Content-Disposition", b"content-disposition"))
 _DONE_TAIL = b"[DONE]"
@@ -153,9 +155,8 @@ class Proxy:
     async def get_model(self, request: web.Request) -> web.Response:
         key = self._auth(request)
         mid = request.match_info["model"]
-        if mid not in request[CTX].snap.table:
-            raise ModelNotFound(f"The model '{mid}' does not exist.")
-        request[CTX].snap.keys.allow_model(key, mid)
+        if mid not in request[CTX].snap.table or not request[CTX].snap.keys.may_use(key, mid):
+            raise ModelNotFound.absent(mid)
         return self._json(request, self._model_obj(mid))
 
     # -- steps -------------------------------------------------------------------------------
@@ -184,6 +185,7 @@ class Proxy:
             if len(body) > limit or not content.at_eof():
                 raise PayloadTooLarge(f"Request body is over the limit of {limit} bytes.")
             return body
+        edge.send_continue(request)  # the key and the declared size passed: now the body is wanted
         try:
             async with asyncio.timeout(limits.body_read):
                 body = await content.read(limit + 1)
@@ -222,11 +224,11 @@ class Proxy:
         body = await self._read_body(request)
         payload = self._parse(body, required)
         model: str = payload["model"]
-        ctx.model = model
         pool = ctx.snap.table.get(model)
-        if pool is None:
-            raise ModelNotFound(f"The model '{model}' does not exist or is not served here.")
-        ctx.snap.keys.allow_model(key, model)
+        if pool is None or not ctx.snap.keys.may_use(key, model):
+            ctx.model = echo(model)  # the access log gets at most ECHO_MAX characters of it
+            raise ModelNotFound.absent(model)
+        ctx.model = model
         stream = payload.get("stream") is True
         ctx.stream = stream
         chat = required == "messages"
@@ -245,15 +247,19 @@ class Proxy:
         """The client's headers that may reach a replica, plus ours, as an encoded header block."""
         connection = request.headers.get("Connection")
         named = {h.strip().lower().encode() for h in connection.split(",")} if connection else ()
-        parts = [k + b": " + v + b"\r\n" for k, v in request.raw_headers
-                 if (lk := k.lower()) not in _DROP_REQUEST and lk not in named]
+        parts: list[bytes] = []
+        xff: list[bytes] = []
+        fwd: list[bytes] = []
+        for k, v in request.raw_headers:
+            lk = k.lower()
+            if lk == b"x-forwarded-for":  # every one of them, in order (even if Connection names it)
+                xff.append(v)
+            elif lk == b"forwarded":
+                fwd.append(v)
+            elif lk not in _DROP_REQUEST and lk not in named:
+                parts.append(k + b": " + v + b"\r\n")
         parts.append(b"X-Request-ID: " + rid.encode("latin-1") + b"\r\n")
-        peer = request.remote
-        if peer:
-            prior = request.headers.get("X-Forwarded-For")
-            xff = f"{prior}, {peer}" if prior else peer
-            # header values arrive as UTF-8 with surrogate escapes: this gives back the client's bytes
-            parts.append(b"X-Forwarded-For: " + xff.encode("utf-8", "surrogateescape") + b"\r\n")
+        parts.append(edge.forwarding(xff, fwd, request.remote, request.secure))
         return b"".join(parts)
 
     # -- attempts ----------------------------------------------------------------------------

@@ -235,7 +235,8 @@ async def test_client_disconnect_while_waiting_aborts_upstream(cluster: Cluster,
     body = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
     with pytest.raises(TimeoutError):
         await http.post(f"{p.v1}/chat/completions", data=body, timeout=aiohttp.ClientTimeout(total=0.3))
-    await wait_for(lambda: r.stats.cancelled == 1, timeout=1.0)
+    # the client's EOF could be a half-close: it is found gone by the second interim 102 (edge.PROBE_EVERY)
+    await wait_for(lambda: r.stats.cancelled == 1, timeout=10.0)
     assert r.stats.active == 0
 
 
@@ -359,7 +360,7 @@ async def test_sdk_exception_classes(cluster: Cluster) -> None:
             await bad.chat.completions.create(model=MODEL, messages=msgs)  # type: ignore[arg-type]
         with pytest.raises(openai.NotFoundError):
             await good.chat.completions.create(model="absent/model", messages=msgs)  # type: ignore[arg-type]
-        with pytest.raises(openai.PermissionDeniedError):
+        with pytest.raises(openai.NotFoundError):  # a model the key may not use: as if it did not exist
             await good.chat.completions.create(model="other/model", messages=msgs)  # type: ignore[arg-type]
         with pytest.raises(openai.BadRequestError):
             await good.chat.completions.create(model=MODEL, messages="not a list")  # type: ignore[arg-type]

@@ -178,7 +178,7 @@ def create_admin_app(api: web.Application) -> web.Application:
     async def upstreams(request: web.Request) -> web.Response:
         table = live.current.table
         return _json({"models": [{"id": p.id, "policy": "affinity" if p.affinity else "least",
-                                  "replicas": [r.snapshot() for r in p.replicas]} for p in table.values()]})
+                                  "replicas": [r.snapshot(p.id) for r in p.replicas]} for p in table.values()]})
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

@@ -49,8 +49,9 @@ def saturated(r: Replica, now: float) -> bool:
 
 
 def pick(replicas: Sequence[Replica], exclude: Sequence[Replica], now: float,
-         rng: random.Random, key: str | None = None) -> Replica | None:
-    cands = [r for r in replicas if r.in_flight < r.max_in_flight and r.available() and r not in exclude]
+         rng: random.Random, key: str | None = None, *, model: str) -> Replica | None:
+    """A replica of ``model``'s pool for the next attempt, or None if none may take it."""
+    cands = [r for r in replicas if r.in_flight < r.max_in_flight and r.available(model) and r not in exclude]
     if not cands:
         return None
     if len(cands) == 1:

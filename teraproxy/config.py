@@ -501,6 +501,7 @@ def _models(r: _Reader, raw: dict[str, Any], default_emit: str) -> tuple[ModelCo
         return ()
     out: list[ModelConfig] = []
     ids: set[str] = set()
+    first_seen: dict[str, tuple[str, ReplicaConfig]] = {}  # url → (path, config) where it was first listed
     for i, m in enumerate(ms):
         p = f"models[{i}]"
         d = r.mapping(m, p, {"id", "replicas", "reasoning", "reasoning_in", "policy"})
@@ -519,6 +520,7 @@ def _models(r: _Reader, raw: dict[str, Any], default_emit: str) -> tuple[ModelCo
         urls = [x.url for x in reps if x]
         if len(set(urls)) != len(urls):
             r.fail(f"{p}.replicas", "the same url is listed twice")
+        _same_server(r, first_seen, reps, p)
         emit = r.get(d, "reasoning", p, _reasoning_emit, default_emit)
         out.append(ModelConfig(
             id=mid,
@@ -528,6 +530,19 @@ def _models(r: _Reader, raw: dict[str, Any], default_emit: str) -> tuple[ModelCo
             policy=r.get(d, "policy", p, _choice(POLICIES), "least"),
         ))
     return tuple(out)
+
+
+def _same_server(r: _Reader, first_seen: dict[str, tuple[str, ReplicaConfig]],
+                 reps: list[ReplicaConfig | None], p: str) -> None:
+    """A URL listed under several models is one server (one replica object, one breaker): it has
+    one key and one share of traffic, so every listing must agree on api_key and weight."""
+    for j, x in enumerate(reps):
+        if x is None:
+            continue
+        seen = first_seen.setdefault(x.url, (f"{p}.replicas[{j}]", x))
+        if seen[1] is not x and (seen[1].api_key, seen[1].weight) != (x.api_key, x.weight):
+            r.fail(f"{p}.replicas[{j}]", f"{x.url} is also listed at {seen[0]} with another api_key or weight "
+                   "(one server has one key and one weight)")
 
 
 def _reasoning_emit(v: Any) -> str:

@@ -1,10 +1,15 @@
-"""Active health checks: one owned, named asyncio task per replica, on the app's ClientSession.
+"""Active health checks: one owned, named asyncio task per replica (per URL: a server listed
+under two models is probed once), on the app's ClientSession.
 
 Each task probes ``GET health.path`` every ``health.interval`` (±15% jitter, first probe within
 a random fraction of a second so a fleet is not probed in lock-step). A replica goes down after
-``fall`` consecutive failures and comes up after ``rise`` successes (one at start-up), but only
-once ``GET /v1/models`` shows it serves the model it is configured for and, with ``warmup``, a
-1-token request has completed — so users never pay a cold start (CUDA graph capture) themselves.
+``fall`` consecutive failures and comes back after ``rise`` successes, but only once
+``GET /v1/models`` lists the models it is configured for (a model it does not list is taken out
+of that model's pool only) and, with ``warmup``, a 1-token request has completed — so users
+never pay a cold start (CUDA graph capture) themselves.
+A replica assumed up at start-up (upstreams.ASSUMED_UP) is already taking traffic: its first
+successful check only confirms its models (no warm-up, it keeps full weight), and its first
+failing check takes it down at once: it was never confirmed, so ``fall`` does not apply.
 That warm-up is a real generation, so it also counts as the replica's circuit-breaker trial: a
 replica that comes back with a passed warm-up has its breaker closed (see upstreams.Replica).
 The set of watched replicas follows reloads through ``sync()`` (a new replica gets a task, a removed one
@@ -52,7 +57,7 @@ class HealthChecker:
             return
         for r in replicas:
             if id(r) not in self.tasks:
-                task = asyncio.get_running_loop().create_task(self._watch(r), name=f"health:{r.model_id}@{r.url}")
+                task = asyncio.get_running_loop().create_task(self._watch(r), name=f"health:{r.url}")
                 self.tasks[id(r)] = task
 
     def unwatch(self, r: Replica) -> None:
@@ -69,39 +74,47 @@ class HealthChecker:
 
     async def _watch(self, r: Replica) -> None:
         ok_run = fail_run = 0
-        ever_up = False
         await asyncio.sleep(self.rng.uniform(0, min(0.25, self.cfg.interval)))
         while True:
             try:
-                ever_up, ok_run, fail_run = await self._step(r, ever_up, ok_run, fail_run)
+                ok_run, fail_run = await self._step(r, ok_run, fail_run)
             except Exception:  # a bug must never end the watch: the replica would freeze in its state
                 log.exception("health check of %s failed unexpectedly", r.url)
                 fail_run, ok_run = fail_run + 1, 0
             await asyncio.sleep(self.cfg.interval * self.rng.uniform(0.85, 1.15))
 
-    async def _step(self, r: Replica, ever_up: bool, ok_run: int, fail_run: int) -> tuple[bool, int, int]:
-        """One check and its consequences; returns the updated (ever_up, ok_run, fail_run)."""
+    async def _step(self, r: Replica, ok_run: int, fail_run: int) -> tuple[int, int]:
+        """One check and its consequences; returns the updated (ok_run, fail_run)."""
         ok, why = await self.probe(r)
-        if ok:
-            ok_run, fail_run = ok_run + 1, 0
-            if not r.up and ok_run >= (self.cfg.rise if ever_up else 1):
-                ok, why = await self._admit(r)
-                if ok:
-                    # the warm-up was a real generation: it passed the breaker's trial too
-                    r.mark_up(time.monotonic(), first=not ever_up, verified=self.cfg.warmup)
-                    log.warning("replica %s (%s) is up", r.url, r.model_id)
-                    ever_up = True
-                else:
-                    ok_run = 0
-                    r.reason = why
-        else:
+        if not ok:
             fail_run, ok_run = fail_run + 1, 0
-            if r.up and fail_run >= self.cfg.fall:
+            if r.up and (fail_run >= self.cfg.fall or not r.checked):
                 r.mark_down(why)
-                log.warning("replica %s (%s) is down: %s", r.url, r.model_id, why)
+                log.warning("replica %s (%s) is down: %s", r.url, ", ".join(r.models), why)
             elif not r.up:
                 r.reason = why
-        return ever_up, ok_run, fail_run
+            r.checked = True
+            return ok_run, fail_run
+        ok_run, fail_run = ok_run + 1, 0
+        if r.up and not r.checked:  # assumed up at start-up and serving already: confirm, no warm-up
+            ok, why = await self._admit(r, warm=False)
+            r.checked = True
+            if ok:
+                r.reason = "healthy"
+            else:
+                r.mark_down(why)
+                log.warning("replica %s (%s) is down: %s", r.url, ", ".join(r.models), why)
+        elif not r.up and ok_run >= (self.cfg.rise if r.checked else 1):
+            ok, why = await self._admit(r, warm=self.cfg.warmup)
+            r.checked = True
+            if ok:
+                # the warm-up was a real generation: it passed the breaker's trial too
+                r.mark_up(time.monotonic(), verified=self.cfg.warmup)
+                log.info("replica %s (%s) is up", r.url, ", ".join(r.models))
+            else:
+                ok_run = 0
+                r.reason = why
+        return ok_run, fail_run
 
     async def probe(self, r: Replica) -> tuple[bool, str]:
         t0 = time.monotonic()
@@ -126,8 +139,9 @@ class HealthChecker:
     def _headers(self, r: Replica) -> dict[str, str]:
         return {"Authorization": r.auth_header} if r.auth_header else {}
 
-    async def _admit(self, r: Replica) -> tuple[bool, str]:
-        """Before a replica takes traffic: does it serve our model, and is it warm?"""
+    async def _admit(self, r: Replica, warm: bool) -> tuple[bool, str]:
+        """Before a replica takes traffic: does it serve our models (those it does not list are
+        recorded in ``r.missing``), and, with ``warm``, is it warm?"""
         try:
             if self.cfg.check_models:
                 async with self.session.get(r.url + "/v1/models", headers=self._headers(r),
@@ -136,12 +150,16 @@ class HealthChecker:
                         return False, f"/v1/models answered HTTP {resp.status}"
                     doc = orjson.loads(await resp.read())
                 data = doc.get("data") if isinstance(doc, dict) else None
-                ids = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
-                if r.model_id not in ids:
-                    return False, f"serves {', '.join(map(str, ids)) or 'no model'}, not {r.model_id}"
-            if self.cfg.warmup:
+                ids = [str(m.get("id")) for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+                listed = ", ".join(ids) or "no model"
+                missing = {m: f"serves {listed}, not {m}" for m in r.models if m not in ids}
+                if len(missing) == len(r.models):
+                    return False, f"serves {listed}, not {' or '.join(r.models)}"
+                self._set_missing(r, missing)
+            if warm:
                 r.reason = "warming up"
-                body = orjson.dumps({"model": r.model_id, "max_tokens": 1, "stream": False,
+                model = next(m for m in r.models if m not in r.missing)
+                body = orjson.dumps({"model": model, "max_tokens": 1, "stream": False,
                                      "messages": [{"role": "user", "content": "ping"}]})
                 async with self.session.post(
                         r.url + "/v1/chat/completions", data=body,
@@ -155,3 +173,10 @@ class HealthChecker:
         except (aiohttp.ClientError, orjson.JSONDecodeError, AttributeError) as e:
             return False, f"admission check failed: {e or type(e).__name__}"
         return True, "healthy"
+
+    @staticmethod
+    def _set_missing(r: Replica, missing: dict[str, str]) -> None:
+        """A server that does not list one of its models leaves only that model's pool."""
+        for m in missing.keys() - r.missing.keys():
+            log.warning("replica %s is out of model %s's pool: it %s", r.url, m, missing[m])
+        r.missing = missing

@@ -122,7 +122,7 @@ class LoadReporter:
         for r in replicas:
             if id(r) not in self.tasks:
                 self.tasks[id(r)] = asyncio.get_running_loop().create_task(self._watch(r),
-                                                                           name=f"load:{r.model_id}@{r.url}")
+                                                                           name=f"load:{r.url}")
 
     def unwatch(self, r: Replica) -> None:
         task = self.tasks.pop(id(r), None)

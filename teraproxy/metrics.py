@@ -68,14 +68,22 @@ class Metrics:
 
 
 class _TableCollector(Collector):
-    """Replica state, read at scrape time."""
+    """Replica state, read at scrape time. A server is one replica however many models list it:
+    its breaker, in-flight count and attempt counters are labelled by ``replica`` alone (once per
+    URL, so sums are right); ``teraproxy_replica_up`` is per model and replica (a server can be
+    in one model's pool and out of another's)."""
 
     def __init__(self, live: Live) -> None:
         self.live = live
 
     def collect(self) -> Iterator[Metric]:
-        labels = ["model", "replica"]
-        up = GaugeMetricFamily("teraproxy_replica_up", "1 if the replica passes health checks", labels=labels)
+        snap = self.live.current
+        up = GaugeMetricFamily("teraproxy_replica_up", "1 if the replica passes health checks and serves the model",
+                               labels=["model", "replica"])
+        for pool in snap.table.values():
+            for r in pool.replicas:
+                up.add_metric([pool.id, r.url], 1.0 if r.up and pool.id not in r.missing else 0.0)
+        labels = ["replica"]
         open_ = GaugeMetricFamily("teraproxy_replica_breaker_open",
                                   "1 if the replica's circuit breaker is open or half-open", labels=labels)
         flight = GaugeMetricFamily("teraproxy_replica_in_flight", "Requests in flight to the replica",
@@ -84,12 +92,10 @@ class _TableCollector(Collector):
         fails = CounterMetricFamily("teraproxy_replica_failures",
                                     "Attempts that failed (connect error, timeout, 5xx, broken stream)",
                                     labels=labels)
-        for pool in self.live.current.table.values():
-            for r in pool.replicas:
-                lv = [pool.id, r.url]
-                up.add_metric(lv, 1.0 if r.up else 0.0)
-                open_.add_metric(lv, 0.0 if r.breaker.state == "closed" else 1.0)
-                flight.add_metric(lv, r.in_flight)
-                reqs.add_metric(lv, r.requests)
-                fails.add_metric(lv, r.failures)
+        for r in snap.replicas:  # each server once
+            lv = [r.url]
+            open_.add_metric(lv, 0.0 if r.breaker.state == "closed" else 1.0)
+            flight.add_metric(lv, r.in_flight)
+            reqs.add_metric(lv, r.requests)
+            fails.add_metric(lv, r.failures)
         yield from (up, open_, flight, reqs, fails)

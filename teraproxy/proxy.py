@@ -316,7 +316,7 @@ class Proxy:
         """A replica for the next attempt. When none is available but one is up with its half-open
         trial in flight, wait (up to ``breaker.trial_wait`` in all) for that trial's verdict instead
         of failing at once: with one replica per model, failing would be an outage after the outage."""
-        replica = pick(pool.replicas, tried, self.clock(), self.rng, affinity)
+        replica = pick(pool.replicas, tried, self.clock(), self.rng, affinity, model=pool.id)
         deadline: float | None = None
         while replica is None:
             trial = pool.pending_trial(tried)
@@ -326,7 +326,7 @@ class Proxy:
             deadline = deadline or now + trial_wait
             if now >= deadline or not await trial.wait_trial(deadline - now):
                 return None
-            replica = pick(pool.replicas, tried, self.clock(), self.rng, affinity)
+            replica = pick(pool.replicas, tried, self.clock(), self.rng, affinity, model=pool.id)
         return replica
 
     async def _attempt(self, request: web.Request, ctx: Ctx, pool: ModelPool, replica: Replica, path: str,

@@ -9,10 +9,11 @@ Invariants:
   Ctx), and uses only that snapshot to its end; there are no locks on the request path;
 - a reload builds a complete new snapshot and publishes it with one assignment; a reload that fails
   (unreadable file, invalid config) changes nothing but a counter and the log;
-- replica objects are carried from the old snapshot to the new one by (model, URL), so a replica that
-  stays keeps its health state, breaker, in-flight count and slow-start ramp, and its pooled
-  connections (which the upstream client keys by origin) are reused; a new replica is built as at
-  start-up and takes traffic once its health checks pass;
+- replica objects are carried from the old snapshot to the new one by URL (one server is one replica,
+  whichever models list it), so a replica that stays keeps its health state, breaker, in-flight count
+  and slow-start ramp, and its pooled connections (which the upstream client keys by origin) are
+  reused; a new replica is built PENDING: it takes traffic once its health checks pass (at start-up
+  replicas are ASSUMED_UP, see upstreams.py);
 - a replica that a reload removes is marked ``retired`` at the swap: it takes no new attempt, not even
   from a request still holding the old snapshot; its in-flight requests and streams finish, and once
   none is left the ``on_retired`` hooks close its health task and its idle connections;
@@ -37,7 +38,7 @@ from prometheus_client.registry import Collector
 
 from teraproxy.auth import KeyTable
 from teraproxy.config import Config, ConfigError, ReplicaConfig, load_config
-from teraproxy.upstreams import ModelPool, Replica, build_table
+from teraproxy.upstreams import ASSUMED_UP, PENDING, ModelPool, Replica, build_table
 
 log = logging.getLogger("teraproxy.runtime")
 
@@ -68,16 +69,18 @@ class Snapshot:
 def build(config: Config, sha256: str = "", previous: Snapshot | None = None,
           spare: tuple[Replica, ...] = (), clock: Callable[[], float] = time.monotonic) -> Snapshot:
     """A snapshot for ``config``, reusing the replica objects of ``previous`` (and the retired but
-    still draining ``spare`` ones) whose model and URL are in the new config."""
-    old: dict[tuple[str, str], Replica] = {}
+    still draining ``spare`` ones) whose URL is in the new config. Without ``previous`` (start-up)
+    new replicas are assumed up; a reload's new replicas wait for their checks."""
+    old: dict[str, Replica] = {}
     for r in (*spare, *(previous.replicas if previous else ())):
-        old[(r.model_id, r.url)] = r
+        old[r.url] = r
+    initial = PENDING if previous is not None else ASSUMED_UP
 
-    def make(cfg: ReplicaConfig, model_id: str, config: Config, clock: Callable[[], float]) -> Replica:
-        r = old.get((model_id, cfg.url))
+    def make(cfg: ReplicaConfig, models: tuple[str, ...], config: Config, clock: Callable[[], float]) -> Replica:
+        r = old.get(cfg.url)
         if r is None:
-            return Replica(cfg, model_id, config, clock)
-        r.configure(cfg, config)
+            return Replica(cfg, models, config, clock, initial)
+        r.configure(cfg, config, models)
         return r
 
     return Snapshot(config, build_table(config, clock, make), sha256)
@@ -112,7 +115,8 @@ class Live:
         """Serving, and at least one replica of every model is up."""
         if self.draining:
             return False
-        return all(any(r.up and not r.retired for r in pool.replicas) for pool in self.current.table.values())
+        return all(any(r.up and not r.retired and pool.id not in r.missing for r in pool.replicas)
+                   for pool in self.current.table.values())
 
 
 def file_sha256(path: str | Path) -> str:
@@ -201,7 +205,7 @@ class Reloader:
                             hook(r)
                         except Exception:  # one hook's bug must not leave the replica half-closed
                             log.exception("closing retired replica %s failed", r.url)
-                    log.info("retired replica %s (%s) closed", r.url, r.model_id)
+                    log.info("retired replica %s (%s) closed", r.url, ", ".join(r.models))
             await asyncio.sleep(_REAP_EVERY)
 
     async def close(self) -> None:

@@ -88,6 +88,7 @@ class SimOptions:
     max_num_seqs: int = 0  # 0: no limit
     speed: float = 1.0  # delays are divided by this
     metrics: str = "kv"  # one of METRICS_STYLES
+    aliases: tuple[str, ...] = ()  # more model ids served (as vLLM --served-model-name a b, or LoRA adapters)
 
 
 class Scheduler:
@@ -171,7 +172,7 @@ class Sim:
             return None, self._error(400, f"invalid JSON: {e}", "BadRequestError")
         if not isinstance(payload, dict):
             return None, self._error(400, "body must be a JSON object", "BadRequestError")
-        if payload.get("model") != self.model:
+        if payload.get("model") != self.model and payload.get("model") not in self.opts.aliases:
             return None, self._error(404, f"The model `{payload.get('model')}` does not exist.", "NotFoundError")
         return payload, None
 
@@ -197,8 +198,9 @@ class Sim:
         self.stats.requests += 1
         m = self.model
         return web.json_response({"object": "list", "data": [{
-            "id": m, "object": "model", "created": self.created, "owned_by": "vllm", "root": m,
-            "parent": None, "max_model_len": 32768}]}, dumps=lambda o: orjson.dumps(o).decode())
+            "id": i, "object": "model", "created": self.created, "owned_by": "vllm", "root": m,
+            "parent": None, "max_model_len": 32768} for i in (m, *self.opts.aliases)]},
+            dumps=lambda o: orjson.dumps(o).decode())
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=True)

@@ -1,8 +1,15 @@
 """Replicas and model pools: the routing table, built once per config.
 
-A Replica holds what the balancer needs on the hot path as plain attributes (in-flight count,
-health, breaker); the table maps a model id to its ModelPool with one dict lookup. Health state
-is written by health.py, breaker state by the proxy; nothing here does I/O.
+A Replica is one server (one URL): one breaker, one in-flight count, one health task, however
+many models it is listed under; ``build_replicas`` keys them by URL and every pool that lists a
+URL holds the same object. It keeps what the balancer needs on the hot path as plain attributes;
+the table maps a model id to its ModelPool with one dict lookup. Health state is written by
+health.py, breaker state by the proxy; nothing here does I/O.
+
+How a replica starts is a parameter of its creation (``initial``): ASSUMED_UP (the proxy starts
+in front of a running fleet: routable at once, like nginx, until a check or its breaker says
+otherwise) or PENDING (a replica a reload adds: not routable until its health checks, model
+check and warm-up pass).
 
 Breaker and health meet here: a breaker's verdicts go through ``Replica.record``/``release`` so
 that requests waiting for a half-open trial (``wait_trial``) wake the moment it is judged, and a
@@ -27,6 +34,7 @@ if TYPE_CHECKING:
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/audio/speech")
 NO_CAP = 1 << 62  # max_in_flight when none is configured
+ASSUMED_UP, PENDING = "assumed_up", "pending"  # a replica's initial state
 
 
 class Replica:
@@ -34,6 +42,7 @@ class Replica:
         "auth_header",
         "breaker",
         "cfg",
+        "checked",
         "clock",
         "failures",
         "heads",
@@ -41,7 +50,8 @@ class Replica:
         "last_check",
         "latency",
         "max_in_flight",
-        "model_id",
+        "missing",
+        "models",
         "origin",
         "reason",
         "report",
@@ -56,17 +66,25 @@ class Replica:
         "weight",
     )
 
-    def __init__(self, cfg: ReplicaConfig, model_id: str, config: Config, clock: Callable[[], float]) -> None:
+    def __init__(self, cfg: ReplicaConfig, models: tuple[str, ...], config: Config, clock: Callable[[], float],
+                 initial: str = ASSUMED_UP) -> None:
         self.url = cfg.url
-        self.model_id = model_id
+        self.models = models  # every model id this server is listed under, in config order
+        self.missing: dict[str, str] = {}  # model → why this server does not serve it (its /v1/models)
         self.in_flight = 0
         self.max_in_flight = cfg.max_in_flight or NO_CAP
         self.report: LoadReport | None = None  # the replica's own view of its load (loadreport.py)
         self.stale_after = config.load.stale_after or 3 * config.load.interval
-        # Without active checks a replica is trusted until traffic says otherwise;
-        # with them it starts down and must pass `rise` checks (and the warm-up) first.
-        self.up = not config.health.enabled
-        self.reason = "not checked yet" if config.health.enabled else "health checks disabled"
+        # Without active checks a replica is trusted until traffic says otherwise. With them, an
+        # ASSUMED_UP replica takes traffic until its first check (one failure takes it down), a
+        # PENDING one only once checks pass; `checked` records that a check has given its verdict.
+        self.checked = False
+        if not config.health.enabled:
+            self.up, self.reason = True, "health checks disabled"
+        elif initial == ASSUMED_UP:
+            self.up, self.reason = True, "assumed up until its first health check"
+        else:
+            self.up, self.reason = False, "not checked yet"
         self.breaker = Breaker(config.breaker.failures, config.breaker.open, config.breaker.max_open, clock)
         self.clock = clock
         self.up_since = -1e18  # far past: full weight
@@ -79,10 +97,15 @@ class Replica:
         u = urlsplit(cfg.url)
         assert u.hostname is not None and u.port is not None  # config normalised the URL
         self.origin = (u.hostname, u.port, u.scheme == "https")
-        self.configure(cfg, config)
+        self.configure(cfg, config, models)
 
-    def configure(self, cfg: ReplicaConfig, config: Config) -> None:
-        """Take the settings of a (re)loaded config; state (health, breaker, counts) is kept."""
+    def configure(self, cfg: ReplicaConfig, config: Config, models: tuple[str, ...]) -> None:
+        """Take the settings of a (re)loaded config; state (health, breaker, counts) is kept. A server
+        listed under other models than before has them confirmed by its next check."""
+        if models != self.models:
+            self.models = models
+            self.missing = {m: why for m, why in self.missing.items() if m in models}
+            self.checked = False
         self.cfg = cfg
         self.weight = cfg.weight
         self.slow_start = config.health.slow_start
@@ -96,8 +119,8 @@ class Replica:
                              f"Accept-Encoding: identity\r\n{auth}").encode("latin-1")
                       for path in GENERATION_PATHS}
 
-    def available(self) -> bool:
-        return self.up and not self.retired and self.breaker.available()
+    def available(self, model: str) -> bool:
+        return self.up and not self.retired and model not in self.missing and self.breaker.available()
 
     def effective_weight(self, now: float) -> float:
         """Weight ramps linearly from 10% to 100% over slow_start after the replica comes up."""
@@ -106,14 +129,15 @@ class Replica:
             return self.weight
         return self.weight * max(0.1, age / self.slow_start)
 
-    def mark_up(self, now: float, first: bool, verified: bool = False) -> None:
-        """Up again; ``verified``: a real generation (the warm-up) has just succeeded, which is the
-        breaker's trial passed, so the breaker closes (else a recovered replica would answer 503
-        until some client request had been the trial)."""
+    def mark_up(self, now: float, verified: bool = False) -> None:
+        """Up again (or, PENDING, for the first time): its weight ramps over slow_start. A replica
+        assumed up at start-up is never marked up: it keeps full weight. ``verified``: a real
+        generation (the warm-up) has just succeeded, which is the breaker's trial passed, so the
+        breaker closes (else a recovered replica would answer 503 until some client request had
+        been the trial)."""
         self.up = True
         self.reason = "healthy"
-        # a replica that is there when the proxy starts takes full weight at once
-        self.up_since = -1e18 if first else now
+        self.up_since = now
         if verified:
             self.breaker.close()
             self._judged()
@@ -130,9 +154,9 @@ class Replica:
         if grant == PROBE:
             self._judged()
 
-    def trial_pending(self) -> bool:
+    def trial_pending(self, model: str) -> bool:
         """Up, with a half-open trial in flight: a request may wait for its verdict."""
-        return self.up and self.breaker.trial_in_flight()
+        return self.up and model not in self.missing and self.breaker.trial_in_flight()
 
     async def wait_trial(self, timeout: float) -> bool:  # noqa: ASYNC109 (the deadline is the caller's)
         """Wait up to ``timeout`` s for the trial in flight to be judged; False on timeout."""
@@ -157,10 +181,13 @@ class Replica:
     def retry_in(self) -> float:
         return self.breaker.retry_in()
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self, model: str) -> dict[str, object]:
+        """As seen from ``model``'s pool: up and reason are per model, the rest is the server's."""
         now = self.clock()
+        missing = self.missing.get(model)
         return {
-            "url": self.url, "model": self.model_id, "up": self.up, "reason": self.reason,
+            "url": self.url, "model": model, "models": list(self.models),
+            "up": self.up and missing is None, "reason": missing or self.reason,
             "breaker": self.breaker.snapshot(), "in_flight": self.in_flight, "weight": self.weight,
             "effective_weight": round(self.effective_weight(now), 3),
             "last_check_ago": None if self.last_check is None else round(now - self.last_check, 3),
@@ -178,17 +205,17 @@ class Replica:
                 "age": round(now - rep.at, 3), "stale": now - rep.at > self.stale_after}
 
 
-ReplicaFactory = Callable[[ReplicaConfig, str, Config, Callable[[], float]], Replica]
+ReplicaFactory = Callable[[ReplicaConfig, tuple[str, ...], Config, Callable[[], float]], Replica]
 
 
 class ModelPool:
     __slots__ = ("affinity", "cfg", "emit", "id", "queue", "reasoning_in", "replicas")
 
-    def __init__(self, cfg: ModelConfig, config: Config, clock: Callable[[], float],
-                 make: ReplicaFactory | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, config: Config, replicas: dict[str, Replica],
+                 clock: Callable[[], float]) -> None:
         self.cfg = cfg
         self.id = cfg.id
-        self.replicas = tuple((make or Replica)(r, cfg.id, config, clock) for r in cfg.replicas)
+        self.replicas = tuple(replicas[r.url] for r in cfg.replicas)
         self.emit = cfg.reasoning
         self.reasoning_in = cfg.reasoning_in
         self.affinity = cfg.policy == "affinity"
@@ -198,27 +225,47 @@ class ModelPool:
 
     def room(self) -> int:
         """How many more requests the available replicas take right now (their max_in_flight)."""
-        return sum(max(0, r.max_in_flight - r.in_flight) for r in self.replicas if r.available())
+        return sum(max(0, r.max_in_flight - r.in_flight) for r in self.replicas if r.available(self.id))
 
     def saturated(self) -> bool:
         """Some replica is available, but every available one is at its max_in_flight: queue."""
-        avail = [r for r in self.replicas if r.available()]
+        avail = [r for r in self.replicas if r.available(self.id)]
         return bool(avail) and all(r.in_flight >= r.max_in_flight for r in avail)
 
     def pending_trial(self, exclude: list[Replica]) -> Replica | None:
         """A replica (not in ``exclude``) whose half-open trial is in flight, if any."""
         for r in self.replicas:
-            if r not in exclude and r.trial_pending():
+            if r not in exclude and r.trial_pending(self.id):
                 return r
         return None
 
     def retry_in(self, check_interval: float) -> float:
         """Seconds until the soonest replica of this pool may be tried (for Retry-After): its breaker's
         remaining open time, or for a replica that is down, the next health check."""
-        return min(r.retry_in() if r.up else check_interval for r in self.replicas)
+        return min(r.retry_in() if r.up and self.id not in r.missing else check_interval for r in self.replicas)
+
+
+def build_replicas(config: Config, clock: Callable[[], float] = time.monotonic,
+                   make: ReplicaFactory | None = None) -> dict[str, Replica]:
+    """One Replica per URL, listing every model it serves (config made sure that a URL listed under
+    several models has one api_key and one weight); ``make`` builds (or, on reload, finds) each."""
+    cfgs: dict[str, ReplicaConfig] = {}
+    served: dict[str, list[str]] = {}
+    for m in config.models:
+        for rc in m.replicas:
+            cfgs.setdefault(rc.url, rc)
+            served.setdefault(rc.url, []).append(m.id)
+    mk = make or Replica
+    return {url: mk(rc, tuple(served[url]), config, clock) for url, rc in cfgs.items()}
 
 
 def build_table(config: Config, clock: Callable[[], float] = time.monotonic,
                 make: ReplicaFactory | None = None) -> dict[str, ModelPool]:
-    """The routing table of a config; ``make`` builds (or, on reload, finds) each replica object."""
-    return {m.id: ModelPool(m, config, clock, make) for m in config.models}
+    """The routing table of a config: every pool that lists a URL holds that URL's one Replica."""
+    replicas = build_replicas(config, clock, make)
+    return {m.id: ModelPool(m, config, replicas, clock) for m in config.models}
+
+
+def unique_replicas(table: dict[str, ModelPool]) -> list[Replica]:
+    """Every replica of the table once (a server listed under two models is one replica)."""
+    return list({r.url: r for pool in table.values() for r in pool.replicas}.values())

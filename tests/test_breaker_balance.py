@@ -103,50 +103,49 @@ def test_pick_least_in_flight_and_exclusions() -> None:
     reps = _pool(3)
     rng = random.Random(1)
     reps[0].in_flight, reps[1].in_flight, reps[2].in_flight = 5, 0, 5
-    assert Counter(pick(reps, [], 0, rng).url for _ in range(200)) == {reps[1].url: 200}  # type: ignore[union-attr]
-    assert pick(reps, [reps[1]], 0, rng) in (reps[0], reps[2])
-    assert pick(reps, reps, 0, rng) is None
+    assert Counter(pick(reps, [], 0, rng, model="m").url for _ in range(200)) == {reps[1].url: 200}  # type: ignore[union-attr]
+    assert pick(reps, [reps[1]], 0, rng, model="m") in (reps[0], reps[2])
+    assert pick(reps, reps, 0, rng, model="m") is None
     reps[1].mark_down("test")
-    assert pick(reps, [], 0, rng) in (reps[0], reps[2])
+    assert pick(reps, [], 0, rng, model="m") in (reps[0], reps[2])
     for r in reps:
         r.breaker.record(False)
         r.breaker.record(False)
         r.breaker.record(False)
         r.breaker.record(False)
         r.breaker.record(False)
-    assert pick(reps, [], 0, rng) is None  # every breaker open
+    assert pick(reps, [], 0, rng, model="m") is None  # every breaker open
 
 
 def test_pick_ties_random_and_weights() -> None:
     reps = _pool(2)
     rng = random.Random(7)
-    counts = Counter(pick(reps, [], 0, rng).url for _ in range(1000))  # type: ignore[union-attr]
+    counts = Counter(pick(reps, [], 0, rng, model="m").url for _ in range(1000))  # type: ignore[union-attr]
     assert 400 < counts[reps[0].url] < 600  # ties broken at random
     heavy = _pool(2, weights=[3, 1])
     heavy[0].in_flight, heavy[1].in_flight = 2, 1  # (2+1)/3 < (1+1)/1: the heavy one still wins
-    assert pick(heavy, [], 0, rng) is heavy[0]
+    assert pick(heavy, [], 0, rng, model="m") is heavy[0]
 
 
 def test_slow_start_ramps_weight() -> None:
     reps = _pool(1, slow_start=10)
     r = reps[0]
-    r.mark_up(100.0, first=False)
+    assert r.effective_weight(0.0) == 1  # there at start-up: full weight at once
+    r.mark_up(100.0)  # back from down: ramps
     assert r.effective_weight(100.0) == 0.1 and r.effective_weight(105.0) == 0.5 and r.effective_weight(111) == 1
-    r.mark_up(100.0, first=True)  # there at start-up: full weight at once
-    assert r.effective_weight(100.0) == 1
 
 
 def test_affinity_sticks_and_only_lost_share_moves() -> None:
     reps = _pool(4)
     rng = random.Random(3)
     keys = [f"session-{i}" for i in range(400)]
-    before = {k: pick(reps, [], 0, rng, key=k) for k in keys}
-    assert all(pick(reps, [], 0, rng, key=k) is before[k] for k in keys)  # sticky
+    before = {k: pick(reps, [], 0, rng, key=k, model="m") for k in keys}
+    assert all(pick(reps, [], 0, rng, key=k, model="m") is before[k] for k in keys)  # sticky
     share = Counter(r.url for r in before.values() if r)
     assert all(60 < n < 140 for n in share.values()), share  # spread
     lost = reps[2]
     lost.mark_down("gone")
-    after = {k: pick(reps, [], 0, rng, key=k) for k in keys}
+    after = {k: pick(reps, [], 0, rng, key=k, model="m") for k in keys}
     moved = [k for k in keys if after[k] is not before[k]]
     assert moved and all(before[k] is lost for k in moved)  # only the lost replica's keys moved
     assert all(after[k] is not lost for k in keys)

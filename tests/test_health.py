@@ -145,7 +145,7 @@ async def test_health_flapping_and_recovery(cluster: Cluster, http: aiohttp.Clie
     a, b = await cluster.replica(), await cluster.replica()
     p = await cluster.proxy([a, b], health=FAST_HEALTH)
     ra, rb = replicas(p)
-    await wait_for(lambda: ra.up and rb.up, 3)
+    await wait_for(lambda: ra.checked and rb.checked, 3)
     a.faults.health_status = 503
     took_down = await wait_for(lambda: not ra.up, 3)
     assert "HTTP 503" in ra.reason and took_down < 1.0  # fall=2 at 100 ms
@@ -162,7 +162,7 @@ async def test_engine_dead_port_open(cluster: Cluster, http: aiohttp.ClientSessi
     a, b = await cluster.replica(), await cluster.replica()
     p = await cluster.proxy([a, b], health=FAST_HEALTH, timeouts={"headers": "2s"})
     ra, _ = replicas(p)
-    await wait_for(lambda: all(r.up for r in replicas(p)), 3)
+    await wait_for(lambda: all(r.checked for r in replicas(p)), 3)
     a.faults.health_status, a.faults.hang_before_headers = 500, True
     await wait_for(lambda: not ra.up, 3)
     results = await asyncio.gather(*(post(http, p) for _ in range(10)))
@@ -173,25 +173,27 @@ async def test_wrong_model_stays_down_and_says_why(cluster: Cluster) -> None:
     right, wrong = await cluster.replica(), await cluster.replica(model="meta-llama/Llama-3.1-8B")
     p = await cluster.proxy([right, wrong], health=FAST_HEALTH)
     rr, rw = replicas(p)
-    await wait_for(lambda: rr.up, 3)
+    await wait_for(lambda: rr.checked and rw.checked, 3)
     await asyncio.sleep(0.5)
     assert not rw.up and rw.reason == f"serves meta-llama/Llama-3.1-8B, not {MODEL}"
 
 
 async def test_warmup_and_slow_start(cluster: Cluster) -> None:
+    """Warm-up and slow start are for a replica that comes back from down, not for a proxy restart."""
     r = await cluster.replica()
     p = await cluster.proxy([r], health={**FAST_HEALTH, "slow_start": "10s"})
     rep = replicas(p)[0]
-    assert not rep.up and rep.reason == "not checked yet"
-    await wait_for(lambda: rep.up, 3)
-    assert r.stats.generation_requests == 1  # exactly one warm-up before any traffic
-    assert orjson.loads(r.stats.last_body)["max_tokens"] == 1
-    assert rep.effective_weight(time.monotonic()) == rep.weight  # present at start-up: full weight
+    assert rep.up and rep.reason == "assumed up until its first health check"
+    await wait_for(lambda: rep.checked, 3)
+    assert rep.up and rep.reason == "healthy"
+    assert r.stats.generation_requests == 0  # it was serving already: no warm-up at start-up
+    assert rep.effective_weight(time.monotonic()) == rep.weight  # and full weight
     r.faults.health_status = 500
     await wait_for(lambda: not rep.up, 3)
     r.faults.health_status = 200
     await wait_for(lambda: rep.up, 3)
-    assert r.stats.generation_requests == 2  # warmed up again on recovery
+    assert r.stats.generation_requests == 1  # exactly one warm-up before it took traffic again
+    assert orjson.loads(r.stats.last_body)["max_tokens"] == 1
     assert rep.effective_weight(time.monotonic()) < 0.2  # and ramping from 10%
 
 
@@ -201,7 +203,7 @@ async def test_admin_upstreams_and_status_cli(cluster: Cluster, http: aiohttp.Cl
     a, b = await cluster.replica(), await cluster.replica()
     b.faults.health_status = 500
     p = await cluster.proxy([a, b], health=FAST_HEALTH)
-    await wait_for(lambda: replicas(p)[0].up and replicas(p)[1].last_check is not None, 3)
+    await wait_for(lambda: replicas(p)[0].checked and replicas(p)[1].checked, 3)
     async with http.get(f"{p.admin}/admin/upstreams") as resp:
         doc = await resp.json()
     reps = doc["models"][0]["replicas"]
@@ -241,7 +243,7 @@ async def test_load_with_replica_killed(cluster: Cluster, http: aiohttp.ClientSe
         p = await cluster.proxy(models=[{"id": MODEL, "replicas": [{"url": f"http://127.0.0.1:{pt}"}
                                                                    for pt in ports]}],
                                 health=FAST_HEALTH, breaker={"failures": 3, "open": "30s"})
-        await wait_for(lambda: all(r.up for r in replicas(p)), 15)
+        await wait_for(lambda: all(r.up and r.checked for r in replicas(p)), 15)  # the sims have started
         statuses: list[int] = []
         first_failure: list[float] = []
 

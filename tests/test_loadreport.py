@@ -89,7 +89,7 @@ async def test_scrape_real_sims_with_and_without_the_endpoint(cluster: Cluster) 
         assert await rep.scrape(r2) is False
     assert r1.report is not None and (r1.report.running, r1.report.waiting) == (6, 9)
     assert r1.report.kv == 0.75 and r2.report is None
-    snap = r1.snapshot()["report"]
+    snap = r1.snapshot(MODEL)["report"]
     assert isinstance(snap, dict) and snap["waiting"] == 9 and snap["stale"] is False
 
 

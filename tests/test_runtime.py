@@ -29,7 +29,7 @@ def _raw(models: dict[str, list[str]], listen: int, admin: int, **over: Any) -> 
     return raw
 
 
-def test_build_carries_replica_objects_by_model_and_url() -> None:
+def test_build_carries_replica_objects_by_url() -> None:
     a, b, c = "http://127.0.0.1:9001", "http://127.0.0.1:9002", "http://127.0.0.1:9003"
     first = build(parse_config(_raw({MODEL: [a, b]}, 9000, 9009)))
     live = Live(first)
@@ -42,14 +42,16 @@ def test_build_carries_replica_objects_by_model_and_url() -> None:
     kept = second.table[MODEL].replicas[0]
     assert kept is ra and kept.in_flight == 3 and kept.failures == 7
     assert kept.breaker.snapshot()["consecutive_failures"] == 1 and kept.breaker.failures == 9  # new setting
-    assert second.table[OTHER].replicas[0] is not rb  # another model's replica is another object
-    assert removed == [rb] and rb.retired and not rb.available()
-    assert live.current is second and list(live.retiring.values()) == [rb]
+    # a server moved to another model is the same server: its health and breaker are its own
+    assert second.table[OTHER].replicas[0] is rb and rb.models == (OTHER,) and removed == []
+    third = build(parse_config(_raw({MODEL: [a, c]}, 9000, 9009)), previous=second)
+    assert live.swap(third) == [rb] and rb.retired and not rb.available(OTHER)
+    assert live.current is third and list(live.retiring.values()) == [rb]
     # listed again while still draining: the same object comes back, no longer retired
-    third = build(parse_config(_raw({MODEL: [a, b]}, 9000, 9009)), previous=second,
-                  spare=tuple(live.retiring.values()))
-    live.swap(third)
-    assert third.table[MODEL].replicas[1] is rb and not rb.retired and id(rb) not in live.retiring
+    fourth = build(parse_config(_raw({MODEL: [a, b]}, 9000, 9009)), previous=third,
+                   spare=tuple(live.retiring.values()))
+    live.swap(fourth)
+    assert fourth.table[MODEL].replicas[1] is rb and not rb.retired and id(rb) not in live.retiring
 
 
 async def test_reload_swaps_table_and_new_replica_waits_for_its_checks(cluster: Cluster, tmp_path: Path) -> None:

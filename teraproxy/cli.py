@@ -13,6 +13,7 @@ import os
 import secrets
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -46,6 +47,8 @@ def _check_runtime() -> None:
 
 
 def _setup_logging(level: str) -> None:
+    """Lifecycle lines on stderr (journald): INFO for normal events (listening, a replica back up,
+    shutdown), WARNING for trouble. ``log.level`` (default info) is the root level, so INFO shows."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -53,31 +56,43 @@ def _setup_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
-async def _until_signalled() -> None:
-    stop = asyncio.Event()
+async def _until_signalled() -> str:
+    """Wait for SIGTERM or SIGINT; returns its name."""
+    got: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def on_signal(name: str) -> None:
+        if not got.done():
+            got.set_result(name)
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    return await got
 
 
 async def serve_forever(config: Config, ready: Callable[[], None] | None = None) -> None:
-    from teraproxy.app import start_servers
+    from teraproxy.app import LIVE, start_servers
 
+    log = logging.getLogger("teraproxy")
     try:
-        _, runners = await start_servers(config)
+        app, runners = await start_servers(config)
     except OSError as e:
         raise StartupError(e.strerror or str(e)) from None
+    t0: float | None = None
     try:
-        logging.getLogger("teraproxy").warning(
-            "teraproxy %s listening on %s (admin: %s), %d model(s)", __version__, config.listen,
-            config.admin_listen or "off", len(config.models))
+        log.info("teraproxy %s listening on %s (admin: %s), %d model(s)", __version__, config.listen,
+                 config.admin_listen or "off", len(config.models))
         if ready:
             ready()
-        await _until_signalled()
+        sig = await _until_signalled()
+        t0 = time.monotonic()
+        in_flight = sum(r.in_flight for r in app[LIVE].current.replicas)
+        log.info("%s: shutting down: listeners close, %d request(s) in flight get up to 30 s", sig, in_flight)
     finally:
         for r in reversed(runners):
             await r.cleanup()
+        if t0 is not None:
+            log.info("shut down in %.2f s", time.monotonic() - t0)
 
 
 def _run(coro: Awaitable[None]) -> int:

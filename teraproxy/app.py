@@ -94,8 +94,13 @@ async def edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
         return resp
     finally:
         elapsed = time.monotonic() - ctx.t0
-        request.app[METRICS].request(ctx.model, status, elapsed, ctx.ttfb, ctx.attempts, ctx.frames_rewritten,
-                                     ctx.bad_frames)
+        metrics = request.app[METRICS]
+        metrics.request(ctx.model, status, elapsed, ctx.ttfb, ctx.attempts, ctx.frames_rewritten, ctx.bad_frames)
+        u = ctx.usage
+        if u is not None:
+            metrics.tokens(ctx.model, ctx.key, u.prompt, u.completion)
+        if ctx.limited is not None:
+            metrics.rate_limited(ctx.key, ctx.limited)
         alog = request.app[ACCESS]
         if alog.stream is not None:
             alog.write({
@@ -105,6 +110,9 @@ async def edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
                 "ttfb_ms": None if ctx.ttfb is None else round(ctx.ttfb * 1000, 2),
                 "ms": round(elapsed * 1000, 2), "error": ctx.error,
                 "rewritten": ctx.frames_rewritten, "bad_frames": ctx.bad_frames,
+                "prompt_tokens": None if u is None else u.prompt,
+                "completion_tokens": None if u is None else u.completion,
+                "tokens_estimated": u is not None and u.estimated,
                 "peer": request.remote})
 
 
@@ -120,6 +128,7 @@ def create_app(config: Config, path: str | None = None) -> web.Application:
     upstream = Client(config.upstream.max_connections, config.upstream.keepalive, config.timeouts.connect)
     proxy = app[PROXY] = Proxy(live, upstream)
     app.cleanup_ctx.append(_resources)
+    app.on_response_prepare.append(_rate_limit_headers)
     later = defer_continue  # 100 Continue only once the key and the size have passed
     app.router.add_post("/v1/chat/completions", proxy.chat, expect_handler=later)
     app.router.add_post("/v1/completions", proxy.completions, expect_handler=later)
@@ -162,9 +171,18 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             await reporter.stop()
             await checker.stop()
             await proxy.client.close()
+            if live.current.limits is not None:
+                await live.current.limits.limiter.close()
             app[ACCESS].close()
     # let the connector's transports close before the loop goes away
     await asyncio.sleep(0)
+
+
+async def _rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """OpenAI's x-ratelimit-* headers on every answer to a key that has limits (429s carry their own)."""
+    ctx = request.get(CTX)
+    if ctx is not None and ctx.decision is not None:
+        response.headers.update(ctx.decision.headers())
 
 
 def create_admin_app(api: web.Application) -> web.Application:

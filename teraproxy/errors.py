@@ -111,6 +111,14 @@ class RateLimited(ProxyError):
     code = "rate_limit_exceeded"
 
 
+class RateLimitUnavailable(ProxyError):
+    """ratelimit.on_backend_error is deny and the shared limiter (Redis) did not answer in time."""
+
+    status = 503
+    type = "server_error"
+    code = "rate_limit_unavailable"
+
+
 class UpstreamError(ProxyError):
     """The replica was unreachable, broke the connection, or answered something unusable."""
 

@@ -41,6 +41,14 @@ class Metrics:
                                   "Frames with a reasoning field that were not valid JSON (passed through)",
                                   ["model"], registry=self.registry)
         self._children: dict[tuple[str, int], tuple[Counter, Histogram, Histogram]] = {}
+        # key names label these: bounded by the config (never the key itself); "" is auth: off
+        self.token_counts = Counter("teraproxy_tokens", "Tokens as replicas reported them (a stream that broke "
+                                    "before its usage chunk: estimated), by model, key name and kind",
+                                    ["model", "key", "kind"], registry=self.registry)
+        self.limited = Counter("teraproxy_rate_limited", "Requests refused by a key's limit (or 503: limiter "
+                               "backend down with on_backend_error deny)", ["key", "limit"], registry=self.registry)
+        self._token_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
+        self.registry.register(_LimiterCollector(live))
         self.registry.register(_TableCollector(live))
         self.registry.register(LiveCollector(live))
 
@@ -62,6 +70,21 @@ class Metrics:
             self.rewritten.labels(m).inc(rewritten)
         if bad_frames:
             self.bad_frames.labels(m).inc(bad_frames)
+
+    def tokens(self, model: str | None, key: str | None, prompt: int, completion: int) -> None:
+        m = model if model is not None and model in self.live.current.table else NO_MODEL
+        k = key or ""
+        child = self._token_children.get((m, k))
+        if child is None:
+            child = self._token_children[(m, k)] = (self.token_counts.labels(m, k, "prompt"),
+                                                    self.token_counts.labels(m, k, "completion"))
+        if prompt:
+            child[0].inc(prompt)
+        if completion:
+            child[1].inc(completion)
+
+    def rate_limited(self, key: str | None, limit: str) -> None:
+        self.limited.labels(key or "", limit).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -99,3 +122,17 @@ class _TableCollector(Collector):
             reqs.add_metric(lv, r.requests)
             fails.add_metric(lv, r.failures)
         yield from (up, open_, flight, reqs, fails)
+
+
+class _LimiterCollector(Collector):
+    """The limiter's backend errors, read at scrape time."""
+
+    def __init__(self, live: Live) -> None:
+        self.live = live
+
+    def collect(self) -> Iterator[Metric]:
+        quota = self.live.current.limits
+        errors = CounterMetricFamily("teraproxy_ratelimit_backend_errors",
+                                     "Admissions and charges the rate-limit backend (Redis) failed or timed out")
+        errors.add_metric([], quota.limiter.errors if quota is not None else 0)
+        yield errors

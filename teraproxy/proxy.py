@@ -27,7 +27,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from teraproxy import client, edge, sse
+from teraproxy import client, edge, sse, usage
 from teraproxy.balance import RetryBudget, pick
 from teraproxy.breaker import ALLOWED, DENIED
 from teraproxy.config import KeyConfig
@@ -45,6 +45,8 @@ from teraproxy.errors import (
     error_body,
     normalise_upstream_error,
 )
+from teraproxy.quota import refusal, stream_usage
+from teraproxy.ratelimit import Decision
 from teraproxy.runtime import Live, Snapshot
 from teraproxy.upstreams import ModelPool, Replica
 
@@ -83,18 +85,23 @@ class Ctx:
         "bad_frames",
         "client_gone",
         "committed",
+        "decision",
         "error",
         "frames_rewritten",
         "grant",
         "key",
         "late_failure",
+        "limited",
         "model",
         "replica",
         "rid",
         "snap",
         "stream",
         "t0",
+        "tap",
+        "tap_strip",
         "ttfb",
+        "usage",
     )
 
     def __init__(self, rid: str, snap: Snapshot) -> None:
@@ -114,6 +121,11 @@ class Ctx:
         self.client_gone = False  # the client disconnected or stalled mid-answer (logged as 499)
         self.grant = ALLOWED  # what the replica's breaker granted the current attempt
         self.late_failure = False  # the replica failed after the response was committed
+        self.decision: Decision | None = None  # the key's admission (its x-ratelimit-* headers)
+        self.limited: str | None = None  # the limit that refused the request
+        self.tap_strip: bool | None = None  # None: no usage tap; else whether it removes the usage chunk
+        self.tap: usage.UsageTap | None = None  # the current attempt's
+        self.usage: usage.Usage | None = None
 
 
 CTX = web.RequestKey("teraproxy_ctx", Ctx)
@@ -232,15 +244,36 @@ class Proxy:
         stream = payload.get("stream") is True
         ctx.stream = stream
         chat = required == "messages"
-        if chat and pool.reasoning_in and sse.needs_request_rewrite(body) and sse.add_request_reasoning(payload):
-            body = orjson.dumps(payload)  # the one case where the request is re-serialised
+        quota = ctx.snap.limits
+        limits = quota.limits_of(key) if quota is not None else None
+        rewrite = chat and pool.reasoning_in and sse.needs_request_rewrite(body) and sse.add_request_reasoning(payload)
+        if stream and path != "/v1/audio/speech":
+            if usage.client_wants_usage(payload):
+                ctx.tap_strip = False
+            elif quota is not None and quota.wants_usage(limits):
+                usage.ask_for_usage(payload)  # removed again from what the client gets
+                rewrite = ctx.tap_strip = True
+        if rewrite:
+            body = orjson.dumps(payload)  # the only cases where the request is re-serialised
         affinity = None
         if pool.affinity:
             user = payload.get("user")
             affinity = request.headers.get("X-Session-ID") or (user if isinstance(user, str) else None)
         headers = self._upstream_headers(request, ctx.rid)
         mode = "bytes" if path == "/v1/audio/speech" else "sse" if stream else "full"
-        return await self._forward(request, ctx, pool, path, body, headers, mode, chat, affinity)
+        if quota is not None and limits is not None and key is not None:  # limits: after 401/403, before routing
+            decision = await quota.limiter.admit(key.name, limits)
+            if not decision.allowed:
+                ctx.limited = decision.denied_by
+                raise refusal(key.name, decision)
+            ctx.decision = decision
+        try:
+            return await self._forward(request, ctx, pool, path, body, headers, mode, chat, affinity)
+        finally:
+            if ctx.tap is not None and ctx.usage is None:
+                ctx.usage = stream_usage(ctx.tap, body)
+            if ctx.decision is not None and quota is not None and key is not None:
+                quota.settle(key.name, ctx.decision, ctx.usage)
 
     @staticmethod
     def _upstream_headers(request: web.Request, rid: str) -> bytes:
@@ -355,6 +388,7 @@ class Proxy:
                 return self._replica_error(request, status, data)
             if mode == "full":
                 data = await self._read(ex, replica, ctx.snap.config.limits.max_response)
+                ctx.usage = usage.from_body(data)
                 if chat and pool.emit != "passthrough":
                     data = sse.rewrite_message_body(data, pool.emit)
                 ctx.ttfb = time.monotonic() - ctx.t0
@@ -389,12 +423,16 @@ class Proxy:
     async def _relay_sse(self, request: web.Request, ctx: Ctx, ex: client.Exchange, replica: Replica,
                          emit: str) -> web.StreamResponse:
         relay = sse.SSERelay(emit)
+        feed: Callable[[bytes], bytes] = relay.feed
+        tap = ctx.tap = None if ctx.tap_strip is None else usage.UsageTap(ctx.tap_strip)  # fresh per attempt
+        if tap is not None:
+            feed = _tapped(relay.feed, tap)
         pending: list[bytes] = []
         has_event = False  # a frame with data: comment-only frames (keep-alives) dispatch no event
 
         def before_commit(data: bytes) -> None:
             nonlocal has_event
-            out = relay.feed(data)
+            out = feed(data)
             if out:
                 pending.append(out)
                 if b"data:" in out:
@@ -420,12 +458,12 @@ class Proxy:
         ctx.ttfb = time.monotonic() - ctx.t0
         replica.record(True, ctx.grant)  # a half-open probe is judged here, at the commit
         ctx.grant = ALLOWED  # from now on this request is an ordinary one
-        sink = await self._pump(request, resp, ex, relay.feed, pending)
+        sink = await self._pump(request, resp, ex, feed, pending)
         if sink.transport.is_closing():  # the client left (or stalled): not the replica's fault
             ctx.client_gone = True
             return resp  # aiohttp's own write_eof on the closed transport is a quiet ConnectionError
         if ex.error is None:
-            sink.write(relay.flush())
+            sink.write(relay.flush() if tap is None else tap.feed(relay.flush()) + tap.flush())
             if not sink.ended_with(_DONE_TAIL):
                 ex.error = client.UpstreamFailure("stream ended without data: [DONE]", got_bytes=True)
         if ex.error is not None:
@@ -548,6 +586,12 @@ class _Sink:
 
     def ended_with(self, token: bytes) -> bool:
         return (self.prev[-16:] + self.last[-16:]).rstrip().endswith(token)
+
+
+def _tapped(feed: Callable[[bytes], bytes], tap: usage.UsageTap) -> Callable[[bytes], bytes]:
+    def both(data: bytes) -> bytes:
+        return tap.feed(feed(data))
+    return both
 
 
 def _same(data: bytes) -> bytes:

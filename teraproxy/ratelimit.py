@@ -137,6 +137,15 @@ class Limiter(Protocol):
         """The admitted request is over: give its in-flight slot back and charge ``tokens``."""
         ...
 
+    def configure(self, keys: dict[str, KeyLimits]) -> None:
+        """A reload's limits: new keys get state, removed ones lose it, the others keep their budget."""
+        ...
+
+    @property
+    def errors(self) -> int:
+        """Backend failures so far (teraproxy_ratelimit_backend_errors_total)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -156,8 +165,17 @@ class MemoryLimiter:
 
     def __init__(self, keys: dict[str, KeyLimits], clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        now = clock()
-        self._state = {name: _KeyState(lim, now) for name, lim in keys.items() if lim.any}
+        self._state: dict[str, _KeyState] = {}
+        self.configure(keys)
+
+    def configure(self, keys: dict[str, KeyLimits]) -> None:
+        now = self.clock()
+        old = self._state
+        self._state = {name: old.get(name) or _KeyState(lim, now) for name, lim in keys.items() if lim.any}
+
+    @property
+    def errors(self) -> int:
+        return 0  # nothing to fail
 
     async def admit(self, key: str, limits: KeyLimits) -> Decision:
         return self.admit_now(key, limits)

@@ -131,8 +131,9 @@ class RedisLimiter:
         self.lease_ttl = lease_ttl
         self.retry_after = retry_after
         self.clock = clock
-        self.errors = 0  # teraproxy_ratelimit_backend_errors_total
-        self._keys = {name: (f"tp:{{{name}}}", f"tp:{{{name}}}:if") for name, lim in keys.items() if lim.any}
+        self._errors = 0
+        self._keys: dict[str, tuple[str, str]] = {}
+        self.configure(keys)
         self._redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
             max_connections=256, health_check_interval=0)
@@ -146,6 +147,13 @@ class RedisLimiter:
         self._renewer: asyncio.Task[None] | None = None
 
     # -- the Limiter interface -------------------------------------------------------------------
+    def configure(self, keys: dict[str, KeyLimits]) -> None:
+        self._keys = {name: (f"tp:{{{name}}}", f"tp:{{{name}}}:if") for name, lim in keys.items() if lim.any}
+
+    @property
+    def errors(self) -> int:
+        return self._errors
+
     async def admit(self, key: str, limits: KeyLimits) -> Decision:
         keys = self._keys.get(key)
         if keys is None:
@@ -197,13 +205,13 @@ class RedisLimiter:
         """The script's result, or None when Redis failed (counted, logged at most once per 10 s)."""
         now = self.clock()
         if now < self._down_until:
-            self.errors += 1
+            self._errors += 1
             return None
         try:
             async with asyncio.timeout(self.timeout):
                 return await script(keys=keys, args=args)
         except (RedisError, OSError, TimeoutError) as e:
-            self.errors += 1
+            self._errors += 1
             self._down_until = now + self.retry_after
             if now - self._logged_at >= 10.0:
                 self._logged_at = now

@@ -31,13 +31,13 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from teraproxy.auth import KeyTable
 from teraproxy.config import Config, ConfigError, ReplicaConfig, load_config
+from teraproxy.quota import Quota, build_quota
 from teraproxy.upstreams import ASSUMED_UP, PENDING, ModelPool, Replica, build_table
 
 log = logging.getLogger("teraproxy.runtime")
@@ -52,7 +52,7 @@ class Snapshot:
 
     __slots__ = ("config", "keys", "limits", "loaded_at", "replicas", "sha256", "table")
 
-    def __init__(self, config: Config, table: dict[str, ModelPool], sha256: str, limits: Any = None) -> None:
+    def __init__(self, config: Config, table: dict[str, ModelPool], sha256: str, limits: Quota | None = None) -> None:
         self.config = config
         self.table = table
         self.keys = KeyTable(config.auth)
@@ -83,7 +83,9 @@ def build(config: Config, sha256: str = "", previous: Snapshot | None = None,
         r.configure(cfg, config, models)
         return r
 
-    return Snapshot(config, build_table(config, clock, make), sha256)
+    # the limiter outlives snapshots: a reload keeps every key's budget, only the limits change
+    quota = build_quota(config, previous.limits if previous is not None else None)
+    return Snapshot(config, build_table(config, clock, make), sha256, quota)
 
 
 class Live:

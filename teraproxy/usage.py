@@ -105,7 +105,7 @@ class UsageTap:
         self._off = False  # gave up (not SSE): pass everything through
 
     def feed(self, data: bytes) -> bytes:
-        if self._off:
+        if self._off or not data:
             return data
         if not self._held and data.endswith(b"\n\n") and data.rfind(_NEEDLE) < 0:
             self.frames += data.count(b"data:")  # the usual chunk: whole frames, no usage in them

@@ -11,6 +11,7 @@ import openai
 import orjson
 import pytest
 
+from teraproxy.app import LIVE
 from teraproxy.auth import hash_key
 from tests.conftest import MODEL, Cluster, openai_client
 
@@ -64,6 +65,8 @@ async def test_invalid_keys_and_refused_models_consume_nothing(cluster: Cluster)
         await c.chat.completions.create(model=MODEL, messages=MSG)  # the one request of the minute
         with pytest.raises(openai.RateLimitError):
             await c.chat.completions.create(model=MODEL, messages=MSG)
+    quota = p.app[LIVE].current.limits
+    assert quota is not None and set(quota.limiter._state) == {"team-a"}  # type: ignore[attr-defined]
 
 
 async def test_a_burst_of_200_at_a_50_per_minute_key(cluster: Cluster) -> None:
@@ -189,3 +192,28 @@ async def test_meter_streams_asks_every_stream(cluster: Cluster) -> None:
     assert orjson.loads(r.stats.last_body)["stream_options"] == {"include_usage": True}
     line = p.access_lines()[0]
     assert (line["key"], line["prompt_tokens"], line["completion_tokens"]) == (None, 12, 4)
+
+
+def test_a_reload_keeps_budgets_and_applies_new_limits() -> None:
+    from teraproxy.config import parse_config
+    from teraproxy.ratelimit import MemoryLimiter
+    from teraproxy.runtime import build
+
+    def config(rpm: int, extra: tuple[tuple[str, str, dict[str, Any]], ...] = ()) -> Any:
+        return parse_config({"listen": "127.0.0.1:1", "health": {"enabled": False},
+                             "auth": keys(("sk-a", "team-a", {"requests_per_minute": rpm}), *extra),
+                             "models": [{"id": MODEL, "replicas": [{"url": "http://127.0.0.1:2"}]}]})
+
+    first = build(config(2))
+    assert first.limits is not None
+    lim = first.limits.limiter
+    assert isinstance(lim, MemoryLimiter)
+    assert lim.admit_now("team-a", first.limits.by_key["team-a"]).allowed
+    second = build(config(2, (("sk-b", "team-b", {"max_in_flight": 1}),)), previous=first)
+    assert second.limits is not None and second.limits.limiter is lim  # one limiter for the process
+    a = second.limits.by_key["team-a"]
+    assert lim.admit_now("team-a", a).allowed
+    assert not lim.admit_now("team-a", a).allowed  # the budget survived the reload: 2 in all, not 2 more
+    assert lim.admit_now("team-b", second.limits.by_key["team-b"]).allowed  # a new key got its state
+    third = build(config(2), previous=second)
+    assert third.limits is not None and set(lim._state) == {"team-a"}  # a removed key's state is dropped

@@ -27,7 +27,7 @@ from teraproxy.edge import Edge, Runner, defer_continue
 from teraproxy.errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError, echo
 from teraproxy.health import HealthChecker
 from teraproxy.loadreport import LoadReporter
-from teraproxy.metrics import Metrics
+from teraproxy.metrics import FuncCounter, Metrics
 from teraproxy.proxy import CTX, Ctx, Proxy, log, new_request_id
 from teraproxy.runtime import Live, Reloader, Snapshot, build, file_sha256
 from teraproxy.upstreams import Replica
@@ -123,7 +123,11 @@ def create_app(config: Config, path: str | None = None) -> web.Application:
     live = app[LIVE] = Live(build(config, file_sha256(path) if path else ""))
     app[RELOADER] = Reloader(live, path)
     app[METRICS] = Metrics(live)
-    app[ACCESS] = AccessLog(sys.stdout.buffer if config.log.access_log else None)
+    alog = app[ACCESS] = AccessLog(sys.stdout.buffer if config.log.access_log else None,
+                                   max_buffer=config.log.access_log_buffer)
+    app[METRICS].registry.register(FuncCounter("teraproxy_access_log_dropped",
+                                               "Access-log lines dropped: stdout was not read fast enough",
+                                               lambda: alog.dropped))
     # built here, not in cleanup_ctx: neither needs a running loop, and the routes bind its methods
     upstream = Client(config.upstream.max_connections, config.upstream.keepalive, config.timeouts.connect)
     proxy = app[PROXY] = Proxy(live, upstream)

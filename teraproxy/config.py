@@ -168,6 +168,7 @@ class QueueConfig:
 class LogConfig:
     level: str = "info"
     access_log: bool = True
+    access_log_buffer: int = 4 * 1024 * 1024  # lines not yet written to stdout; past it they are dropped
 
 
 @dataclass(frozen=True)
@@ -594,7 +595,8 @@ def parse_config(raw: Any, warnings: list[str] | None = None, base: Path | None 
                          {"failures": pint, "open": pdur, "max_open": pdur, "trial_wait": dur}),
         retry=_section(r, raw, "retry", RetryConfig, {"attempts": pint, "budget": _fraction, "window": pdur}),
         log=_section(r, raw, "log", LogConfig,
-                     {"level": _choice(("debug", "info", "warning", "error")), "access_log": _bool}),
+                     {"level": _choice(("debug", "info", "warning", "error")), "access_log": _bool,
+                      "access_log_buffer": _positive(parse_size)}),
         load=_section(r, raw, "load", LoadConfig, {"enabled": _bool, "path": _path, "interval": pdur,
                                                    "timeout": pdur, "stale_after": dur}),
         queue=_section(r, raw, "queue", QueueConfig, {"max": _int(0), "timeout": pdur}),

@@ -33,6 +33,31 @@ from teraproxy.upstreams import Replica
 
 log = logging.getLogger("teraproxy.health")
 
+# Every answer a check reads is bounded: past its limit the check fails (a replica cannot make the
+# proxy buffer an endless body). vLLM's /health is empty; /v1/models lists a card per model and LoRA
+# adapter; a warm-up answer is one token.
+HEALTH_MAX = 64 * 1024
+MODELS_MAX = 4 * 1024 * 1024
+WARMUP_MAX = 1024 * 1024
+
+
+class AnswerTooLarge(aiohttp.ClientPayloadError):
+    """A check's answer went past its limit (an aiohttp.ClientError, so it fails the check)."""
+
+
+async def read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body of ``resp``, or AnswerTooLarge as soon as it is over ``limit`` bytes."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise AnswerTooLarge(f"answer of {resp.content_length} bytes is over {limit}")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > limit:
+            raise AnswerTooLarge(f"answer over {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
 
 class HealthChecker:
     def __init__(self, config: Config, session: aiohttp.ClientSession, rng: random.Random | None = None) -> None:
@@ -120,7 +145,7 @@ class HealthChecker:
         t0 = time.monotonic()
         try:
             async with self.session.get(r.url + self.cfg.path, timeout=self._timeout) as resp:
-                await resp.read()
+                await read_at_most(resp, HEALTH_MAX)
                 status = resp.status
         except TimeoutError:
             return self._checked(r, t0, False, f"health check timed out after {self.cfg.timeout:g}s")
@@ -148,7 +173,7 @@ class HealthChecker:
                                             timeout=self._timeout) as resp:
                     if resp.status != 200:
                         return False, f"/v1/models answered HTTP {resp.status}"
-                    doc = orjson.loads(await resp.read())
+                    doc = orjson.loads(await read_at_most(resp, MODELS_MAX))
                 data = doc.get("data") if isinstance(doc, dict) else None
                 ids = [str(m.get("id")) for m in data if isinstance(m, dict)] if isinstance(data, list) else []
                 listed = ", ".join(ids) or "no model"
@@ -165,7 +190,7 @@ class HealthChecker:
                         r.url + "/v1/chat/completions", data=body,
                         headers={"Content-Type": "application/json", **self._headers(r)},
                         timeout=aiohttp.ClientTimeout(total=self.warmup_timeout)) as resp:
-                    await resp.read()
+                    await read_at_most(resp, WARMUP_MAX)
                     if resp.status != 200:
                         return False, f"warm-up request answered HTTP {resp.status}"
         except TimeoutError:

@@ -9,7 +9,7 @@ URLs come from the config, status is a class (2xx, 4xx, ...); never a key or a r
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -88,6 +88,16 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class FuncCounter(Collector):
+    """A counter whose value its owner keeps (read at scrape time, no cost per event)."""
+
+    def __init__(self, name: str, doc: str, value: Callable[[], float]) -> None:
+        self.name, self.doc, self.value = name, doc, value
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.doc, value=self.value())
 
 
 class _TableCollector(Collector):

@@ -7,6 +7,7 @@ import asyncio
 import fcntl
 import os
 import threading
+from typing import BinaryIO
 
 import aiohttp
 import orjson
@@ -73,6 +74,10 @@ async def _requests(p_v1: str, n: int) -> list[int]:
         return out
 
 
+def _writer(fd: int) -> BinaryIO:
+    return open(fd, "wb", buffering=0)
+
+
 async def _metric(admin: str, name: str) -> float:
     async with aiohttp.ClientSession() as http, http.get(f"{admin}/metrics") as resp:
         text = await resp.text()
@@ -86,7 +91,7 @@ async def test_access_log_on_a_pipe_nobody_reads_never_blocks_requests(cluster: 
     rfd, wfd = os.pipe()
     fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, 4096)  # a small pipe: full after a dozen lines
     alog = p.app[ACCESS]
-    alog.stream = open(wfd, "wb", buffering=0)  # noqa: SIM115  # closed below
+    alog.stream = _writer(wfd)  # closed below
     try:
         statuses = await asyncio.wait_for(_requests(p.v1, 200), 30)  # the loop never waits for the pipe
         assert statuses == [200] * 200
@@ -109,7 +114,7 @@ async def test_access_log_with_a_reader_loses_no_line(cluster: Cluster) -> None:
     p = await cluster.proxy([r], log={"access_log": True})
     rfd, wfd = os.pipe()
     alog = p.app[ACCESS]
-    alog.stream = open(wfd, "wb", buffering=0)  # noqa: SIM115  # closed below
+    alog.stream = _writer(wfd)  # closed below
     got = bytearray()
 
     def read() -> None:

@@ -149,6 +149,8 @@ class Protocol(RequestHandler):
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio.Protocol's contract: True keeps it open
         if self._answered >= self._request_count:
             return False  # idle between requests: the client is done with the connection (aiohttp's way)
+        if self.ssl_context is not None:
+            return False  # TLS transports cannot stay half-open (asyncio's sslproto ignores True, with a warning)
         if not self._eof:  # uvloop may report the same EOF twice (reading is paused and resumed)
             self._eof = True
             # A request was parsed, but start() may not have handed it to its task yet: decide once it has.
@@ -253,13 +255,12 @@ def forwarding(xff: list[bytes], fwd: list[bytes], peer: str | None, tls: bool) 
     proxy is the edge, so whatever the client claimed there is replaced. ``tls`` is the listener's
     (the transport's) and nothing else.
     """
-    node = peer or "unknown"
+    node = peer.encode("latin-1", "replace") if peer else b"unknown"
     proto = b"https" if tls else b"http"
-    fnode = f'"[{node}]"' if ":" in node else node  # RFC 7239 §6: IPv6 in brackets, quoted
-    own = b"for=" + fnode.encode("latin-1", "replace") + b";proto=" + proto
-    return (b"X-Forwarded-For: " + _chain(xff, node.encode("latin-1", "replace")) + b"\r\n"
-            + b"Forwarded: " + _chain(fwd, own) + b"\r\n"
-            + b"X-Forwarded-Proto: " + proto + b"\r\n")
+    own = b"for=" + (b'"[' + node + b']"' if b":" in node else node) + b";proto=" + proto  # RFC 7239 §6
+    return b"".join((b"X-Forwarded-For: ", _chain(xff, node) if xff else node,
+                     b"\r\nForwarded: ", _chain(fwd, own) if fwd else own,
+                     b"\r\nX-Forwarded-Proto: ", proto, b"\r\n"))
 
 
 def _chain(values: list[bytes], own: bytes) -> bytes:

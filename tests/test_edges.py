@@ -212,6 +212,17 @@ async def test_half_closed_client_waiting_long_gets_interim_answers_then_the_ans
     assert r.stats.completed == 1
 
 
+async def test_eof_inside_the_body_ends_the_connection_at_once(cluster: Cluster) -> None:
+    r = await cluster.replica()
+    p = await cluster.proxy([r], limits={"body_read": "30s"})
+    body = _chat()
+    head = _post(body)[: -len(body)]
+    # that body can never be complete: the connection ends (as nginx does) instead of a 408 after 30 s
+    raw = await _exchange(p.config.listen.port, head + body[:10], half=True, timeout=20)
+    assert raw == b""
+    assert r.stats.requests == 0
+
+
 async def test_half_closed_pipelined_requests_are_all_answered(cluster: Cluster) -> None:
     r = await cluster.replica(tokens=2)
     p = await cluster.proxy([r])

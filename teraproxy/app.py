@@ -101,6 +101,8 @@ async def edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
             metrics.tokens(ctx.model, ctx.key, u.prompt, u.completion)
         if ctx.limited is not None:
             metrics.rate_limited(ctx.key, ctx.limited)
+        if ctx.broken:
+            metrics.stream_broken(ctx.model, ctx.replica)
         alog = request.app[ACCESS]
         if alog.stream is not None:
             alog.write({

@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-EMITS = ("both", "reasoning", "reasoning_content", "passthrough")
+from teraproxy.sse import EMITS, MAX_EVENT
+
 POLICIES = ("least", "affinity")
 PRIORITIES = ("high", "normal", "low")
 
@@ -98,6 +99,7 @@ class Limits:
     max_body: int = 8 * 1024 * 1024
     max_response: int = 32 * 1024 * 1024  # a non-streamed answer read into memory; over it: 502
     body_read: float = 30.0  # deadline for reading a request body
+    max_event: int = MAX_EVENT  # one SSE event from a replica (and all it sends before its first)
 
 
 @dataclass(frozen=True)
@@ -583,7 +585,8 @@ def parse_config(raw: Any, warnings: list[str] | None = None, base: Path | None 
         reasoning=emit,
         limits=_section(r, raw, "limits", Limits,
                         {"max_body": _positive(parse_size), "body_read": pdur,
-                         "max_response": _positive(parse_size)}),
+                         "max_response": _positive(parse_size),
+                         "max_event": _positive(parse_size)}),
         timeouts=_section(r, raw, "timeouts", Timeouts,
                           {"connect": pdur, "headers": pdur, "idle": pdur, "keepalive": pdur,
                            "client_stall": pdur}),

@@ -36,7 +36,7 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from teraproxy.accesslog import AccessLog
-from teraproxy.errors import BadHttpRequest, ProxyError, UpstreamTimeout
+from teraproxy.errors import BadHttpRequest, GatewayTimeout, ProxyError
 from teraproxy.metrics import Metrics
 
 log = logging.getLogger("teraproxy")
@@ -128,7 +128,7 @@ class Protocol(RequestHandler):
             err = BadHttpRequest(f"Malformed HTTP request: {reason}.")
             self._edge.bad_request(request.remote, rid, reason)
         elif status == 504:  # a handler timed out outside the error ladder (app.edge answers the rest)
-            err = UpstreamTimeout("The gateway timed out.")
+            err = GatewayTimeout("The gateway timed out.")
         else:
             if exc is not None and not isinstance(exc, ConnectionError):
                 self.log_exception("Error handling request %s", rid, exc_info=exc)

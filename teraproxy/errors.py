@@ -158,7 +158,9 @@ class UpstreamBusy(ProxyError):
     code = "upstream_busy"
 
 
-class UpstreamTimeout(ProxyError):
+class GatewayTimeout(ProxyError):
+    """The replica did not answer in time (or went silent)."""
+
     status = 504
     type = "server_error"
     code = "gateway_timeout"

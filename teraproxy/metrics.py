@@ -40,6 +40,9 @@ class Metrics:
         self.bad_frames = Counter("teraproxy_sse_bad_frames",
                                   "Frames with a reasoning field that were not valid JSON (passed through)",
                                   ["model"], registry=self.registry)
+        self.streams_broken = Counter("teraproxy_streams_broken",
+                                      "Streams a replica broke after the commit point (the client got an "
+                                      "error event)", ["model", "replica"], registry=self.registry)
         self._children: dict[tuple[str, int], tuple[Counter, Histogram, Histogram]] = {}
         # key names label these: bounded by the config (never the key itself); "" is auth: off
         self.token_counts = Counter("teraproxy_tokens", "Tokens as replicas reported them (a stream that broke "
@@ -85,6 +88,12 @@ class Metrics:
 
     def rate_limited(self, key: str | None, limit: str) -> None:
         self.limited.labels(key or "", limit).inc()
+
+    def stream_broken(self, model: str | None, replica: str | None) -> None:
+        """Labels stay bounded: both come from the config (a request reaches a replica only after
+        its model was found)."""
+        m = model if model is not None and model in self.live.current.table else NO_MODEL
+        self.streams_broken.labels(m, replica or "").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -27,26 +27,24 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from teraproxy import client, edge, sse, usage
+from teraproxy import client, edge, relay, sse, usage
 from teraproxy.balance import RetryBudget, pick
-from teraproxy.breaker import ALLOWED, DENIED
+from teraproxy.breaker import DENIED
 from teraproxy.config import KeyConfig
 from teraproxy.errors import (
     BadRequest,
     ModelNotFound,
     NoHealthyReplica,
     PayloadTooLarge,
-    ProxyError,
     RequestTimeout,
     UpstreamBusy,
     UpstreamError,
-    UpstreamTimeout,
     echo,
-    error_body,
     normalise_upstream_error,
 )
 from teraproxy.quota import refusal, stream_usage
 from teraproxy.ratelimit import Decision
+from teraproxy.relay import Attempt, AttemptFailed, failed
 from teraproxy.runtime import Live, Snapshot
 from teraproxy.upstreams import ModelPool, Replica
 
@@ -62,19 +60,7 @@ _DROP_REQUEST = frozenset(h.lower().encode() for h in (
     "OpenAI-Project", "Expect", "X-Request-ID", "X-Forwarded-Proto", "Content-Type"))
 # Copied from a replica's answer to the client (everything else is rebuilt or dropped).
 _KEEP_RESPONSE = (("Content-Type", b"content-type"), ("Content-Disposition", b"content-disposition"))
-_DONE_TAIL = b"[DONE]"
-
-
-class _AttemptFailed(Exception):
-    """One attempt failed before the commit point: count it against the replica, maybe retry."""
-
-    def __init__(self, error: ProxyError | None = None, status: int = 0, body: bytes = b"",
-                 final: bool = False) -> None:
-        super().__init__(error.message if error else f"HTTP {status}")
-        self.error = error
-        self.final = final  # another replica would fail the same way: no retry
-        self.status = status  # a replica's own 5xx answer, kept for the client if retries run out
-        self.body = body
+_ERROR_BODY_LIMIT = 64 * 1024  # bytes of a replica's error answer read (and normalised) at most
 
 
 class Ctx:
@@ -83,14 +69,13 @@ class Ctx:
     __slots__ = (
         "attempts",
         "bad_frames",
+        "broken",
         "client_gone",
         "committed",
         "decision",
         "error",
         "frames_rewritten",
-        "grant",
         "key",
-        "late_failure",
         "limited",
         "model",
         "replica",
@@ -119,8 +104,7 @@ class Ctx:
         self.bad_frames = 0
         self.committed = False  # the status line went out: no other answer is possible
         self.client_gone = False  # the client disconnected or stalled mid-answer (logged as 499)
-        self.grant = ALLOWED  # what the replica's breaker granted the current attempt
-        self.late_failure = False  # the replica failed after the response was committed
+        self.broken = False  # the replica broke the answer after the commit point
         self.decision: Decision | None = None  # the key's admission (its x-ratelimit-* headers)
         self.limited: str | None = None  # the limit that refused the request
         self.tap_strip: bool | None = None  # None: no usage tap; else whether it removes the usage chunk
@@ -299,7 +283,7 @@ class Proxy:
     async def _forward(self, request: web.Request, ctx: Ctx, pool: ModelPool, path: str, body: bytes,
                        headers: bytes, mode: str, chat: bool, affinity: str | None) -> web.StreamResponse:
         tried: list[Replica] = []
-        last: _AttemptFailed | None = None
+        last: AttemptFailed | None = None
         self.budget.request()
         config = ctx.snap.config
         for attempt in range(config.retry.attempts):
@@ -313,29 +297,18 @@ class Proxy:
             grant = replica.breaker.acquire()
             if grant == DENIED:  # another request took the half-open probe
                 continue
-            ctx.grant = grant
-            ctx.attempts += 1
-            ctx.replica = replica.url
-            replica.in_flight += 1
-            replica.requests += 1
-            verdict: bool | None = None
+            att = Attempt(ctx, replica, grant)
             try:
-                resp = await self._attempt(request, ctx, pool, replica, path, body, headers, mode, chat)
-                verdict = not ctx.late_failure
+                resp = await self._attempt(request, att, pool, path, body, headers, mode, chat)
+                att.answered()
                 return resp
-            except _AttemptFailed as e:
-                verdict = False
-                replica.failures += 1
+            except AttemptFailed as e:
+                att.failed(e)
                 last = e
-                log.warning("replica %s failed for %s (attempt %d): %s", replica.url, ctx.rid, ctx.attempts, e)
                 if e.final:
                     break
             finally:
-                replica.in_flight -= 1
-                if verdict is None:
-                    replica.release(ctx.grant)
-                else:
-                    replica.record(verdict, ctx.grant)
+                att.finish()
         if last is not None:
             if last.error is not None:
                 raise last.error
@@ -362,28 +335,29 @@ class Proxy:
             replica = pick(pool.replicas, tried, self.clock(), self.rng, affinity, model=pool.id)
         return replica
 
-    async def _attempt(self, request: web.Request, ctx: Ctx, pool: ModelPool, replica: Replica, path: str,
+    async def _attempt(self, request: web.Request, att: Attempt, pool: ModelPool, path: str,
                        body: bytes, headers: bytes, mode: str, chat: bool) -> web.StreamResponse:
+        replica, ctx = att.replica, att.ctx
         head = replica.heads[path] + headers + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
         t = ctx.snap.config.timeouts
         try:
             ex = await self.client.request(replica.origin, head, body,
                                            t.headers if mode == "full" else t.idle, t.idle)
         except client.UpstreamFailure as e:
-            raise _failed(replica, "did not answer", e) from None
+            raise failed(replica, "did not answer", e) from None
         except client.PoolBusy as e:  # our own congestion: no verdict on the replica, no retry
             raise UpstreamBusy(f"The gateway is busy: {e}; retry shortly.", headers={"Retry-After": "1"}) from None
         try:
             status = ex.status
             if status >= 400:
-                data = await self._read(ex, replica, 65536, truncate=True)
+                data = await self._read(ex, replica, _ERROR_BODY_LIMIT, truncate=True)
                 if status == 401 and _is_bare_unauthorized(data):
                     log.error("replica %s REJECTED teraproxy's own credentials (HTTP 401): check "
                               "models[].replicas[].api_key for model %s", replica.url, pool.id)
-                    raise _AttemptFailed(UpstreamError(
+                    raise AttemptFailed(UpstreamError(
                         f"Replica for model '{pool.id}' rejected the gateway's credentials."))
                 if status >= 500:
-                    raise _AttemptFailed(status=status, body=data)
+                    raise AttemptFailed(status=status, body=data)
                 ctx.error = f"replica answered {status}"
                 return self._replica_error(request, status, data)
             if mode == "full":
@@ -394,8 +368,8 @@ class Proxy:
                 ctx.ttfb = time.monotonic() - ctx.t0
                 return web.Response(status=status, body=data, headers=self._response_headers(ex, ctx.rid))
             if mode == "sse" and (ex.header(b"content-type") or b"").startswith(b"text/event-stream"):
-                return await self._relay_sse(request, ctx, ex, replica, pool.emit if chat else "passthrough")
-            return await self._relay_bytes(request, ctx, ex, replica)
+                return await relay.stream(request, att, ex, pool.emit if chat else "passthrough")
+            return await relay.binary(request, att, ex, self._response_headers(ex, ctx.rid))
         finally:
             self.client.release(ex)  # pooled again after a complete answer, closed otherwise
 
@@ -403,7 +377,7 @@ class Proxy:
         try:
             return await ex.read_all(limit, truncate)
         except client.UpstreamFailure as e:
-            raise _failed(replica, "broke its answer", e) from None
+            raise failed(replica, "broke its answer", e) from None
 
     def _replica_error(self, request: web.Request, status: int, data: bytes) -> web.Response:
         return web.Response(status=status, body=normalise_upstream_error(status, data),
@@ -418,198 +392,6 @@ class Proxy:
             if v is not None:
                 out[name] = v.decode("latin-1")
         return out
-
-    # -- relays --------------------------------------------------------------------------------
-    async def _relay_sse(self, request: web.Request, ctx: Ctx, ex: client.Exchange, replica: Replica,
-                         emit: str) -> web.StreamResponse:
-        relay = sse.SSERelay(emit)
-        feed: Callable[[bytes], bytes] = relay.feed
-        tap = ctx.tap = None if ctx.tap_strip is None else usage.UsageTap(ctx.tap_strip)  # fresh per attempt
-        if tap is not None:
-            feed = _tapped(relay.feed, tap)
-        pending: list[bytes] = []
-        has_event = False  # a frame with data: comment-only frames (keep-alives) dispatch no event
-
-        def before_commit(data: bytes) -> None:
-            nonlocal has_event
-            out = feed(data)
-            if out:
-                pending.append(out)
-                if b"data:" in out:
-                    has_event = True
-                    ex.wake()
-
-        for early in ex.take_body():  # body bytes that came in with the headers
-            before_commit(early)
-        ex.on_body = before_commit
-        # Before the commit point: wait for the first complete event; failures are retryable.
-        while not has_event:
-            if ex.error is not None:
-                raise _failed(replica, "failed before its first event", ex.error)
-            if ex.complete:
-                raise _AttemptFailed(UpstreamError(
-                    f"Replica {replica.url} closed the stream before its first event."))
-            await ex.wait()
-        resp = web.StreamResponse(status=200, headers={
-            "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no", "Server": "teraproxy", "X-Request-ID": ctx.rid})
-        await resp.prepare(request)  # the commit point
-        ctx.committed = True
-        ctx.ttfb = time.monotonic() - ctx.t0
-        replica.record(True, ctx.grant)  # a half-open probe is judged here, at the commit
-        ctx.grant = ALLOWED  # from now on this request is an ordinary one
-        sink = await self._pump(request, resp, ex, feed, pending)
-        if sink.transport.is_closing():  # the client left (or stalled): not the replica's fault
-            ctx.client_gone = True
-            return resp  # aiohttp's own write_eof on the closed transport is a quiet ConnectionError
-        if ex.error is None:
-            sink.write(relay.flush() if tap is None else tap.feed(relay.flush()) + tap.flush())
-            if not sink.ended_with(_DONE_TAIL):
-                ex.error = client.UpstreamFailure("stream ended without data: [DONE]", got_bytes=True)
-        if ex.error is not None:
-            err = _error_class(ex.error)
-            why = "went silent" if err is UpstreamTimeout else f"broke the stream ({ex.error})"
-            self._late_failure(ctx, replica, f"replica {why} after the response began")
-            sink.write(b"data: " + error_body(
-                f"The model replica {why} after the response began; the answer is incomplete.",
-                err.type, err.code) + b"\n\ndata: [DONE]\n\n")
-        ctx.frames_rewritten = relay.rewritten
-        ctx.bad_frames = relay.bad_frames
-        if relay.bad_frames:
-            log.warning("replica %s sent %d frame(s) with a reasoning field that are not valid JSON; "
-                        "passed through unchanged (%s)", replica.url, relay.bad_frames, ctx.rid)
-        await resp.write_eof()
-        return resp
-
-    async def _relay_bytes(self, request: web.Request, ctx: Ctx, ex: client.Exchange,
-                           replica: Replica) -> web.StreamResponse:
-        """Audio and other non-SSE bodies: committed at the replica's headers, streamed through."""
-        resp = web.StreamResponse(status=ex.status, headers=self._response_headers(ex, ctx.rid))
-        await resp.prepare(request)
-        ctx.committed = True
-        ctx.ttfb = time.monotonic() - ctx.t0
-        sink = await self._pump(request, resp, ex, _same, ex.take_body())
-        if sink.transport.is_closing():
-            ctx.client_gone = True
-            return resp
-        if ex.error is not None:
-            self._late_failure(ctx, replica, f"replica broke the body after the response began ({ex.error})")
-            # no way to signal an error inside a binary body: cut the connection so the
-            # client sees a truncated transfer instead of a silently short file
-            if request.transport is not None:
-                request.transport.abort()
-            return resp
-        await resp.write_eof()
-        return resp
-
-    async def _pump(self, request: web.Request, resp: web.StreamResponse, ex: client.Exchange,
-                    feed: Callable[[bytes], bytes], first: list[bytes]) -> _Sink:
-        """After the commit point: each upstream body chunk goes through ``feed`` and straight
-        to the client's transport from the upstream's data callback (no task switch per chunk).
-        Returns when the upstream answer is complete or failed."""
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            raise asyncio.CancelledError  # the client is gone; handler cancellation is on its way
-        sink = _Sink(transport, request.writer.chunked)  # type: ignore[attr-defined]
-        # The first write goes through aiohttp: it flushes the status line and headers it buffered.
-        # ``first`` keeps receiving body chunks while we await, until on_body is replaced below.
-        try:
-            while first:
-                chunk = b"".join(first)
-                first.clear()
-                await resp.write(chunk)
-                sink.sent(chunk)
-        except ConnectionError:
-            return sink  # the client went away: the caller sees a closing transport
-
-        def after_commit(data: bytes) -> None:
-            out = feed(data)
-            if out:
-                sink.write(out)
-                if sink.full():
-                    ex.pause()  # the client reads slower than the replica writes: stop reading
-                    ex.wake()
-
-        ex.on_body = after_commit
-        stall = request[CTX].snap.config.timeouts.client_stall
-        while not ex.complete and ex.error is None:
-            if ex.conn.paused:
-                try:
-                    async with asyncio.timeout(stall):
-                        await request.writer.drain()
-                except TimeoutError:
-                    # the client stopped reading: the paused replica is holding a GPU slot for it
-                    log.warning("client stopped reading for %gs; closing %s", stall,
-                                request[CTX].rid)
-                    transport.abort()
-                    return sink
-                except ConnectionError:
-                    return sink  # the client went away while we waited for it
-                ex.resume()
-            await ex.wait()
-        return sink
-
-    def _late_failure(self, ctx: Ctx, replica: Replica, why: str) -> None:
-        ctx.error = why
-        ctx.late_failure = True
-        replica.failures += 1
-        log.warning("%s: %s for %s", replica.url, why, ctx.rid)
-
-
-class _Sink:
-    """Writes to the client transport, framing HTTP/1.1 chunks itself; remembers the last two
-    writes so the end of the stream can be checked for [DONE] without copying every chunk."""
-
-    __slots__ = ("chunked", "last", "prev", "transport")
-
-    HIGH_WATER = 256 * 1024
-
-    def __init__(self, transport: asyncio.Transport, chunked: bool) -> None:
-        self.transport = transport
-        self.chunked = chunked
-        self.prev = self.last = b""
-
-    def write(self, out: bytes) -> None:
-        if not out or self.transport.is_closing():
-            return
-        if self.chunked:
-            self.transport.writelines((b"%x\r\n" % len(out), out, b"\r\n"))
-        else:
-            self.transport.write(out)
-        self.sent(out)
-
-    def sent(self, out: bytes) -> None:
-        self.prev, self.last = self.last, out
-
-    def full(self) -> bool:
-        return self.transport.get_write_buffer_size() > self.HIGH_WATER
-
-    def ended_with(self, token: bytes) -> bool:
-        return (self.prev[-16:] + self.last[-16:]).rstrip().endswith(token)
-
-
-def _tapped(feed: Callable[[bytes], bytes], tap: usage.UsageTap) -> Callable[[bytes], bytes]:
-    def both(data: bytes) -> bytes:
-        return tap.feed(feed(data))
-    return both
-
-
-def _same(data: bytes) -> bytes:
-    return data
-
-
-def _error_class(e: client.UpstreamFailure) -> type[ProxyError]:
-    return UpstreamTimeout if isinstance(e, client.UpstreamTimeout) else UpstreamError
-
-
-def _failed(replica: Replica, what: str, e: client.UpstreamFailure) -> _AttemptFailed:
-    """A failed attempt that counts against the replica: 504 for a timeout, 502 for anything else.
-    An answer over limits.max_response is not retried: the size comes from the request (n, max_tokens,
-    logprobs), so another replica would spend a whole generation to fail the same way."""
-    if isinstance(e, client.ResponseTooLarge):
-        return _AttemptFailed(UpstreamError(f"Replica {replica.url} {what}: {e}", code="response_too_large"),
-                              final=True)
-    return _AttemptFailed(_error_class(e)(f"Replica {replica.url} {what}: {e}"))
 
 
 def _is_bare_unauthorized(data: bytes) -> bool:

@@ -13,26 +13,37 @@ does the same to a non-streamed body's ``choices[].message``;
 
 Framing, as browsers parse SSE: lines end in LF, CRLF or CR (CR LF is always one
 CRLF); a frame is everything up to and including its first blank line (so a
-blank line right after a frame is an *empty* frame); ``events`` counts complete
-non-empty frames.  A frame ending in CR is complete only once the next byte (or
-EOF, in ``flush``) shows that the CR is not half of a CRLF.
+blank line right after a frame is an *empty* frame); an *event with data* is a
+frame with a ``data`` field line (a comment such as ``: data: ping`` is not
+one).  A frame ending in CR is complete only once the next byte (or EOF, in
+``flush``) shows that the CR is not half of a CRLF.  Every mode frames:
+passthrough differs from the rewrite modes only in leaving complete frames as
+they are.
 
 Invariants:
 * Split invariance: all ``feed()`` results plus ``flush()``, concatenated,
   depend only on the concatenated input, never on where it was cut.
 * ``feed()`` returns complete frames only and holds back at most the one
-  incomplete trailing frame, except that nothing (not even blank lines) is
-  returned before the first event is complete: that is the proxy's commit
-  point.  Passthrough then returns its input as is.
+  incomplete trailing frame, except that nothing is returned before the first
+  event with data is complete: that is the proxy's commit point (``started``).
+  ``flush()`` drops an incomplete last frame (``truncated``); a client would
+  not dispatch it either, and it must not have an error event glued to it.
+* Bounded memory: a frame longer than ``max_event`` (before the start: all
+  bytes held until the first event with data) sets ``oversize``; what was held
+  is let go and nothing more is returned.
+* ``done`` is judged from the frames that went out, not from the last reads:
+  a ``data: [DONE]`` split over any number of reads counts once complete.
 * Only a frame whose data is JSON whose ``choices[].delta`` needs a change is
   re-serialised; any other frame (comments, ``[DONE]``, usage, errors,
   ``"reasoning`` inside a string, invalid JSON) keeps its original bytes.  A
   rewritten frame keeps its other lines verbatim; its data lines become one
   ``data: <json>`` line ended like the first.  Values survive, within orjson's
   round trip (integers beyond 64 bits become floats, duplicate keys collapse).
-* Fast path: with nothing held back, an LF-only chunk that ends on a frame
-  boundary and lacks ``b'"reasoning'`` is returned as the same object after a
-  few C-level scans: no JSON parse, no per-frame loop.
+* Fast path: once started with nothing held back, a chunk that ends on a frame
+  boundary is returned as the same object after a few C-level scans, no
+  per-frame work: passthrough needs only ``endswith(b"\n\n")``; the rewrite
+  modes take LF-only chunks and look for ``b'"reasoning'`` (no JSON parse
+  without it).
 * Never raises on upstream bytes: a frame with the needle whose data cannot be
   parsed (or re-serialised) passes unchanged and counts in ``bad_frames``.
   Keys spelt with JSON escapes (``"\\u0072easoning"``) are not recognised.
@@ -52,15 +63,12 @@ _BOTH: Final = 0  # modes are indexes into EMITS
 _REASONING: Final = 1
 _REASONING_CONTENT: Final = 2
 _PASSTHROUGH: Final = 3
-_NORMAL: Final = 0  # relay states: a rewrite mode / passthrough before / after the first event
-_PASS_WAIT: Final = 1
-_PASS_OPEN: Final = 2
+MAX_EVENT: Final = 1024 * 1024  # default bound on one SSE frame (config: limits.max_event)
 
 _NEEDLE: Final = b'"reasoning'
 _LF: Final = 10
 _CR: Final = 13
 _LINE_RE: Final = re.compile(rb"([^\r\n]*)(\r\n|\n|\r)")
-_EVENT_RE: Final = re.compile(rb"\n\n(?!\n)")  # in LF-only text: one match per frame end
 # Note: on CPython 3.11, bytes.rfind() of the needle runs ~2x faster on JSON
 # text than find() or `in`, so membership tests use rfind.
 
@@ -179,12 +187,59 @@ def _frame_end(buf: bytes, pos: int) -> int:
     return _blank_end(buf, q + 1, True) if q < n else n
 
 
-def _count_events(region: bytes) -> int:
-    """Number of non-empty frames in region (which holds complete frames only)."""
-    if _CR in region:
-        region = region.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    events = len(_EVENT_RE.findall(region))
-    return events - 1 if region[:2] == b"\n\n" else events  # leading blank lines
+def _oversize_at(region: bytes, limit: int) -> int:
+    """Start of the first frame longer than limit in region (complete frames only), else -1."""
+    pos = 0
+    while pos < len(region):
+        end = _frame_end(region, pos)
+        if end - pos > limit:
+            return pos
+        pos = end
+    return -1
+
+
+def _has_data(buf: bytes | bytearray, lo: int, hi: int) -> bool:
+    """Whether the lines of buf[lo:hi] (lo at a line start) include a ``data`` field line.
+
+    A comment that mentions data (``: data: ping``) is not one."""
+    p = buf.find(b"data", lo, hi)
+    while p >= 0:
+        if (p == lo or buf[p - 1] == _LF or buf[p - 1] == _CR) and (p + 4 >= hi or buf[p + 4] in b":\r\n"):
+            return True
+        p = buf.find(b"data", p + 4, hi)
+    return False
+
+
+def _last_data(frames: bytes) -> bytes | None:
+    """The data of the last frame with data in frames (a trailing unterminated one included)."""
+    last: bytes | None = None
+    cur: list[bytes] | None = None
+    for content, _ in _LINE_RE.findall(frames + b"\n"):  # the LF ends an unterminated last line
+        if not content:
+            if cur is not None:
+                last, cur = b"\n".join(cur), None
+            continue
+        value = _data_value(content)
+        if value is not None:
+            if cur is None:
+                cur = [value]
+            else:
+                cur.append(value)
+    return b"\n".join(cur) if cur is not None else last
+
+
+def _last_data_is_done(region: bytes) -> bool:
+    """Whether the last event with data in region (complete frames) is ``[DONE]``."""
+    if region.endswith(b"\n\ndata: [DONE]\n\n") or region == b"data: [DONE]\n\n":
+        return True
+    hi = len(region)
+    while (p := region.rfind(b"[DONE]", 0, hi)) >= 0:
+        start = _frame_start(region, 0, p, 0, True)
+        last = _last_data(region[start:])
+        if last is not None:
+            return last == b"[DONE]"
+        hi = start  # the [DONE] was in a comment: look further back
+    return False
 
 
 def _data_value(content: bytes) -> bytes | None:
@@ -200,100 +255,165 @@ def _data_value(content: bytes) -> bytes | None:
 
 
 class SSERelay:
-    """Feed it upstream bytes as they arrive; it returns the bytes to write to the client."""
+    """Feed it upstream bytes as they arrive; it returns the bytes to write to the client.
 
-    __slots__ = ("_fast", "_held", "_mode", "_state", "bad_frames", "events", "rewritten")
+    What it saw, for the proxy to act on: ``started`` (the first complete event
+    with data has been returned: the commit point), ``oversize`` (a frame grew
+    past ``max_event``: the stream is unusable and nothing more is returned),
+    ``truncated`` (``flush`` dropped an incomplete frame) and ``done`` (the last
+    event with data that went out was ``data: [DONE]``).
+    """
 
-    events: int
+    __slots__ = ("_fast", "_held", "_mode", "_pass", "_scanned", "_tail", "bad_frames", "max_event", "oversize",
+                 "rewritten", "started", "truncated")
+
     bad_frames: int
     rewritten: int
 
-    def __init__(self, emit: str) -> None:
+    def __init__(self, emit: str, max_event: int = MAX_EVENT) -> None:
         self._mode = _mode_of(emit)
-        self._state = _PASS_WAIT if self._mode == _PASSTHROUGH else _NORMAL
-        self._fast = self._state == _NORMAL  # a rewrite mode and nothing held back
-        self._held = bytearray()
-        self.events = 0  # complete non-empty frames (only >= 1 is tracked in passthrough)
+        self._pass = self._mode == _PASSTHROUGH
+        self._fast = False  # started and nothing held back: the fast paths apply
+        self._held = bytearray()  # before the start: all bytes so far; after: the one incomplete frame
+        self._scanned = 0  # before the start: _held[:_scanned] are complete frames without data
+        self._tail = b""  # the last returned region that holds an event with data
+        self.max_event = max_event
+        self.started = False
+        self.oversize = False
+        self.truncated = False
         self.bad_frames = 0  # frames with the needle whose data could not be parsed
         self.rewritten = 0  # frames re-serialised
+
+    @property
+    def done(self) -> bool:
+        """The last event with data that went out was ``[DONE]`` (however it was split)."""
+        return _last_data_is_done(self._tail)
 
     def feed(self, data: bytes) -> bytes:
         """Bytes to send on now: complete frames only (possibly b"")."""
         if not self._fast:
-            return data if self._state == _PASS_OPEN else self._feed_slow(data)
-        # Hot path, C-level scans only (10 is LF, 13 is CR, literals beat globals).
+            return self._feed_slow(data)
+        # Hot paths, C-level scans only (10 is LF, 13 is CR; literals beat globals).
+        if self._pass:
+            # slices compare faster than endswith()/startswith() calls on short chunks
+            if data[-2:] == b"\n\n" and len(data) <= self.max_event:  # ends on a frame boundary
+                if data[:5] == b"data:":
+                    self._tail = data
+                else:
+                    self._note(data)
+                return data
+            return self._feed_slow(data)
         n = len(data) - 2
+        if n >= self.max_event:
+            return self._feed_slow(data)
         if data.find(10) == n and n > 0 and data[-1] == 10 and 13 not in data:
             # The typical token: exactly one single-line LF frame.
-            self.events += 1
-            if data.rfind(b'"reasoning') < 0 or not data.startswith(b"data:"):
+            if not data.startswith(b"data:"):
+                self._note(data)
+                return data
+            self._tail = data
+            if data.rfind(b'"reasoning') < 0:
                 return data
             new = self._new_json(data[6:n] if data[5] == 32 else data[5:n])
             return data if new is None else b"data: " + new + b"\n\n"
         if n > 0 and data[-1] == 10 and data[-2] == 10 and data[0] != 10 and 13 not in data:
             # LF only, whole frames.
-            self.events += len(_EVENT_RE.findall(data))
+            if data.startswith(b"data:"):
+                self._tail = data
+            else:
+                self._note(data)
             if data.rfind(b'"reasoning') < 0:
                 return data
             return self._rewrite_region(data, True)
         return self._feed_slow(data)
 
     def flush(self) -> bytes:
-        """At upstream EOF: the held-back bytes.
+        """At upstream EOF: the complete frames still held back.
 
         A held frame that EOF completes (it ends in a CR blank line) is treated
-        like any complete frame; a truly incomplete frame is returned unchanged.
+        like any complete frame; a truly incomplete frame is dropped (a client
+        would not dispatch it either) and sets ``truncated`` -- unless its data
+        is ``[DONE]``, which is completed with the blank line it lacks.
         """
-        if not self._held:
+        held = self._held
+        if not held or self.oversize:
             return b""
-        buf = bytes(self._held)
-        self._held.clear()
-        if self._state != _NORMAL:
-            return buf
-        self._fast = True
-        end = _frame_start(buf, 0, len(buf), 0, True)
-        region = buf[:end]
-        self.events += _count_events(region) if end else 0
-        if region.rfind(_NEEDLE) >= 0:
-            region = self._rewrite_region(region, False)
-        return region + buf[end:]
+        buf = bytes(held)
+        self._held = bytearray()
+        end = max(_frame_start(buf, 0, len(buf), 0, True), self._scanned)
+        tail = buf[end:]
+        if tail:
+            if _last_data(tail) == b"[DONE]":  # lenient: a [DONE] without its blank line still ends
+                term = tail[len(tail.rstrip(b"\r\n")):]  # "", LF, CR or CRLF (two would be a blank line)
+                buf += term or b"\n\n"
+                end = len(buf)
+            else:
+                self.truncated = True
+        return self._emit(buf[:end])
+
+    def _note(self, region: bytes) -> None:
+        """Remember region for ``done`` if it holds an event with data."""
+        if _has_data(region, 0, len(region)):
+            self._tail = region
 
     def _feed_slow(self, data: bytes) -> bytes:
+        if self.oversize or not data:
+            return b""
         held = self._held
         if held:
             scan_from = len(held) - 2 if len(held) > 2 else 0
             held += data
-            out = self._process(held, scan_from)
-        elif not data:
-            return b""
+            buf: bytes | bytearray = held
         else:
-            out = self._process(data, 0)
-        self._fast = self._state == _NORMAL and not held
-        return out
-
-    def _process(self, buf: bytes | bytearray, scan_from: int) -> bytes:
-        """General path; buf is either the held bytearray or fresh data."""
-        held = self._held
-        end = _frame_start(buf, 0, len(buf), scan_from, False)
+            buf, scan_from = data, 0
+        end = max(_frame_start(buf, 0, len(buf), scan_from, False), self._scanned)
+        if not self.started:
+            if not _has_data(buf, self._scanned, end):
+                # nothing goes out before the first event with data (the commit point); what is
+                # held until then counts against max_event like one event
+                if len(buf) > self.max_event:
+                    self._overflow()
+                elif buf is not held:
+                    held += buf
+                    self._scanned = end
+                else:
+                    self._scanned = end
+                return b""
+            self._scanned = 0  # _emit starts the stream
         region = buf[:end] if isinstance(buf, bytes) else bytes(buf[:end])
-        events = _count_events(region) if end else 0
-        if not events and not self.events:  # nothing before the first event (the commit point)
-            if buf is not held:
-                held += buf
-            return b""
-        self.events += events
-        if self._state == _PASS_WAIT:
-            self._state = _PASS_OPEN
-            if buf is not held:
-                return buf if isinstance(buf, bytes) else bytes(buf)
-            out = bytes(held)
-            held.clear()
-            return out
         if buf is held:
             del held[:end]
         elif end < len(buf):
             held += buf[end:]
-        return self._rewrite_region(region, False) if region.rfind(_NEEDLE) >= 0 else region
+        if len(held) > self.max_event:
+            self._overflow()
+        self._fast = not held and not self.oversize
+        return self._emit(region)
+
+    def _emit(self, region: bytes) -> bytes:
+        """Complete frames on their way out: checked for size, transformed, remembered for ``done``."""
+        if not region:
+            return b""
+        if len(region) > self.max_event:
+            cut = _oversize_at(region, self.max_event)
+            if cut >= 0:  # the frames before it still go out, once the stream has started
+                self._overflow()
+                if not self.started:
+                    return b""
+                region = region[:cut]
+        if not self.started:
+            if not _has_data(region, 0, len(region)):
+                return b""
+            self.started = True
+        if self._mode != _PASSTHROUGH and region.rfind(_NEEDLE) >= 0:
+            region = self._rewrite_region(region, False)
+        self._note(region)
+        return region
+
+    def _overflow(self) -> None:
+        self.oversize = True
+        self._fast = False
+        self._held = bytearray()  # give the memory back at once
 
     def _rewrite_region(self, region: bytes, lf_only: bool) -> bytes:
         """Rewrite the frames of region (complete frames only) that need it."""

@@ -63,8 +63,26 @@ def frame_json(frame: bytes) -> Any:
         return None
 
 
-def is_event(frame: bytes) -> bool:
-    return frame not in (b"\n", b"\r", b"\r\n")
+def has_data(frame: bytes) -> bool:
+    """An event with data: a frame with a data field line (comments and blank lines are not)."""
+    return frame_payload(frame) is not None
+
+
+def expected_stream(stream: bytes, emit: str) -> bytes:
+    """What the relay must emit for a whole stream: nothing before the first event with data, then
+    the complete frames (rewritten per emit); an incomplete last frame is dropped unless it is a
+    [DONE], which is completed with the blank line it lacks."""
+    frames, tail = split_frames(stream)
+    if tail and frame_payload(tail) == b"[DONE]":
+        frames.append(tail + (tail[len(tail.rstrip(b"\r\n")) :] or b"\n\n"))
+    if not any(map(has_data, frames)):
+        return b""
+    return b"".join(f if emit == "passthrough" else expected_frame(f, emit) for f in frames)
+
+
+def last_data_is_done(out: bytes) -> bool:
+    payloads = [frame_payload(f) for f in split_frames(out)[0] if has_data(f)]
+    return bool(payloads) and payloads[-1] == b"[DONE]"
 
 
 def run(emit: str, pieces: Iterable[bytes]) -> tuple[bytes, SSERelay]:
@@ -263,7 +281,7 @@ def test_recorded_stream_keys_and_text(name: str, emit: str) -> None:
     in_frames, _ = split_frames(stream)
     out_frames, tail = split_frames(out)
     assert tail == b"" and len(out_frames) == len(in_frames)
-    assert relay.events == sum(map(is_event, in_frames))
+    assert relay.started and relay.done and not relay.truncated
     texts: dict[str, list[str]] = {R: [], RC: []}
     content: list[str] = []
     n_reasoning = 0
@@ -317,7 +335,7 @@ def test_multiline_and_other_lines_collapse_to_one_data_line() -> None:
         b'data: {"choices":[{"delta":{"reasoning":"hi","reasoning_content":"hi"}}]}\r\n'
         b": note\r\nid: 5\r\n\r\n"
     )
-    assert out == expected and relay.rewritten == 1 and relay.events == 1
+    assert out == expected and relay.rewritten == 1 and relay.started and not relay.done
 
 
 def test_error_usage_done_and_needle_in_strings_pass_unchanged() -> None:
@@ -384,9 +402,8 @@ def test_every_split_offset(name: str, emit: str) -> None:
         out, _ = run(emit, [stream[:i], stream[i:]])
         assert out == whole, i
     out, relay = run(emit, [stream[i : i + 1] for i in range(len(stream))])
-    assert out == whole
-    if emit != "passthrough":
-        assert relay.events == sum(map(is_event, split_frames(stream)[0]))
+    assert out == whole == expected_stream(stream, emit)
+    assert relay.started and relay.done  # a [DONE] split over many reads still ends the stream
 
 
 @pytest.mark.parametrize("name", ["gptoss", "crlf", "cr", "comments_events"])
@@ -401,7 +418,7 @@ def test_feed_returns_complete_frames_and_holds_at_most_one(name: str) -> None:
         seen = stream[: i + 1]
         decided = seen[:-1] if seen.endswith(b"\r") else seen  # a trailing CR is undecided
         frames, _ = split_frames(decided)
-        assert out == b"".join(frames), i
+        assert out == (b"".join(frames) if any(map(has_data, frames)) else b""), i
     # A frame ending in a CR blank line is only decided at EOF.
     assert relay.flush() == (split_frames(stream)[0][-1] if stream.endswith(b"\r") else b"")
 
@@ -422,28 +439,91 @@ def test_trailing_cr_is_held_until_next_byte() -> None:
     assert relay.feed(b"\ndata: 2") == b"data: 1\r\r\n"
     assert relay.feed(b"\r\r") == b""
     assert relay.feed(b"x") == b"data: 2\r\r"
-    assert relay.flush() == b"x"
-    assert relay.events == 2
+    assert relay.flush() == b"" and relay.truncated  # "x" is no complete frame
+    assert relay.started
 
 
-def test_flush_returns_incomplete_tail_unchanged_and_completes_cr_frame() -> None:
+def test_flush_drops_incomplete_tail_and_completes_cr_frame() -> None:
     tail = b'data: {"choices":[{"delta":{"reasoning":"x"}}]}\n'
     relay = SSERelay("both")
     assert relay.feed(tail) == b""
-    assert relay.flush() == tail and relay.events == 0
+    assert relay.flush() == b"" and not relay.started and relay.truncated
     assert relay.flush() == b""
+    relay = SSERelay("passthrough")
+    first = b'data: {"x":1}\n\n'
+    assert relay.feed(first + tail) == first
+    assert relay.flush() == b"" and relay.truncated and not relay.done
     # A CR blank line at EOF does end the frame.
     relay = SSERelay("both")
     assert relay.feed(b'data: {"choices":[{"delta":{"reasoning":"x"}}]}\r\r') == b""
     assert relay.flush() == b'data: {"choices":[{"delta":{"reasoning":"x","reasoning_content":"x"}}]}\r\r'
-    assert relay.events == 1 and relay.rewritten == 1
+    assert relay.started and relay.rewritten == 1 and not relay.truncated
 
 
 def test_blank_lines_are_empty_frames_not_events() -> None:
     stream = b"\n\ndata: 1\n\n\n\n: c\r\n\r\n\r\r"
     for pieces in ([stream], [stream[i : i + 1] for i in range(len(stream))]):
         out, relay = run("both", pieces)
-        assert out == stream and relay.events == 2
+        assert out == stream and relay.started and not relay.done
+
+
+@pytest.mark.parametrize("emit", EMITS)
+def test_done_split_over_many_reads_is_seen(emit: str) -> None:
+    body = sse(chunk({"content": "x"}))
+    for eol in EOLS:
+        stream = body + done(eol)
+        for cut in range(1, len(stream)):
+            for pieces in ([stream[:cut], stream[cut:]], [stream[i : i + 3] for i in range(0, len(stream), 3)],
+                           [stream[i : i + 1] for i in range(len(stream))]):
+                out, relay = run(emit, pieces)
+                assert out == stream and relay.done, (eol, cut)
+    # a [DONE] that is not the last event with data does not end the stream; a comment after it does
+    assert not run(emit, [done() + body])[1].done
+    assert run(emit, [body, done(), b": bye\n\n", b": data: [DONE]\n\n"])[1].done
+    assert not run(emit, [body + b": data: [DONE]\n\n"])[1].done
+    assert not run(emit, [body + b'data: "[DONE]"\n\n'])[1].done
+    # lenient: a [DONE] cut off before its blank line still ends the stream, and is completed
+    for tail, completed in ((b"data: [DONE]", b"data: [DONE]\n\n"), (b"data: [DONE]\r\n", b"data: [DONE]\r\n\r\n"),
+                            (b"data: [DONE]\r", b"data: [DONE]\r\r")):
+        out, relay = run(emit, [body + tail[:5], tail[5:]])
+        assert out == body + completed and relay.done and not relay.truncated
+
+
+@pytest.mark.parametrize("emit", EMITS)
+def test_comments_are_not_events_with_data(emit: str) -> None:
+    relay = SSERelay(emit)
+    assert relay.feed(b": data: ping\n\n") == b""  # looks like data, is a comment
+    assert relay.feed(b"event: message\nid: 1\n\n") == b"" and not relay.started  # no data line: no event
+    first = b'data: {"choices":[]}\n\n'
+    assert relay.feed(first[:-1]) == b"" and not relay.started  # data, but not complete yet
+    assert relay.feed(b"\n") == b": data: ping\n\nevent: message\nid: 1\n\n" + first and relay.started
+    assert SSERelay(emit).feed(b"data\n\n") == b"data\n\n"  # a data field without a colon is one
+
+
+@pytest.mark.parametrize("emit", EMITS)
+def test_oversize_event_is_reported_and_let_go(emit: str) -> None:
+    first = sse(chunk({"content": "x"}))
+    # after the start: the one frame that grows past max_event
+    relay = SSERelay(emit, max_event=1000)
+    assert relay.feed(first) == first
+    assert relay.feed(b"data: " + b"a" * 600) == b"" and not relay.oversize
+    assert relay.feed(b"a" * 600) == b"" and relay.oversize
+    assert relay.feed(b"\n\n" + first) == b"" and relay.flush() == b""  # nothing more, ever
+    assert len(relay._held) == 0  # the memory was let go
+    # a complete frame over the bound in one read is caught too, after the frames before it
+    relay = SSERelay(emit, max_event=1000)
+    big = b"data: " + b"b" * 1200 + b"\n\n"
+    assert relay.feed(first + big) == b"" and relay.oversize and not relay.started
+    relay = SSERelay(emit, max_event=1000)
+    assert relay.feed(first) == first and relay.feed(first + big) == first and relay.oversize
+    # before the start: everything held until the first event with data counts
+    relay = SSERelay(emit, max_event=1000)
+    for _ in range(1000 // 14 + 1):
+        assert relay.feed(b": keep-alive\n\n") == b""
+    assert relay.oversize and not relay.started
+    # frames up to the bound pass
+    relay = SSERelay(emit, max_event=len(big))
+    assert relay.feed(big[:500]) == b"" and relay.feed(big[500:]) == big and not relay.oversize
 
 
 @pytest.mark.parametrize("emit", EMITS)
@@ -452,10 +532,10 @@ def test_nothing_is_returned_before_the_first_event(emit: str) -> None:
     relay = SSERelay(emit)
     assert relay.feed(b"\n") == b""
     assert relay.feed(b"\r\n\r") == b""
-    assert relay.events == 0
+    assert not relay.started
     first = sse(chunk({"content": "x"}))
     assert relay.feed(first) == b"\n\r\n\r" + first
-    assert relay.events == 1
+    assert relay.started
     assert relay.feed(b"\n") == b"\n"  # after the first event, blank lines flow on
 
 
@@ -469,16 +549,19 @@ def test_fast_path_returns_same_object() -> None:
     for f in frames:
         assert relay.feed(f) is f
     many = b"".join(frames * 20) + done()
-    assert relay.feed(many) is many
-    assert relay.events == 3 + 61 and relay.rewritten == 0
+    assert relay.feed(many) is many and relay.done
+    assert relay.rewritten == 0
     crlf = sse(chunk({"content": "x"}), b"\r\n") * 3
     assert relay.feed(crlf) is crlf  # general path, still no copy
-    assert relay.events == 67
+    assert not relay.done
     # Complete frames plus a partial one: the complete part now, the tail later.
     part = frames[0] + frames[1][:50]
     assert relay.feed(part) == frames[0]
     assert relay.feed(frames[1][50:]) == frames[1]
-    assert relay.events == 69
+    # passthrough: any chunk that ends on a frame boundary
+    relay = SSERelay("passthrough")
+    for f in [*frames, crlf, many, b": c\r\n\n"]:
+        assert relay.feed(f) is f
 
 
 def test_no_needle_frames_are_never_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -498,18 +581,19 @@ def test_no_needle_frames_are_never_parsed(monkeypatch: pytest.MonkeyPatch) -> N
         assert len(calls) == 1 and b'"reasoning_content"' in calls[0]
 
 
-def test_passthrough_holds_until_first_event_then_same_object() -> None:
+def test_passthrough_holds_until_first_event_then_frames() -> None:
     first = sse(chunk({"role": "assistant", "content": ""}))
     relay = SSERelay("passthrough")
     assert relay.feed(b"\n") == b""  # a blank line is no event
     assert relay.feed(first[:10]) == b""
-    assert relay.events == 0
-    rest = first[10:] + b'data: {"choices":[{"delta":{"reasoning_content":"x"'
-    assert relay.feed(rest) == b"\n" + first + rest[len(first) - 10 :]
-    assert relay.events == 1
+    assert not relay.started
+    half = b'data: {"choices":[{"delta":{"reasoning_content":"x"'
+    assert relay.feed(first[10:] + half) == b"\n" + first  # the half frame is held back
+    assert relay.started
     tail = b"}}]}\n\n"
+    assert relay.feed(tail) == half + tail
     assert relay.feed(tail) is tail
-    assert relay.flush() == b"" and relay.rewritten == 0
+    assert relay.flush() == b"" and relay.rewritten == 0 and not relay.truncated
     relay = SSERelay("passthrough")
     assert relay.feed(first) is first
 
@@ -538,7 +622,7 @@ def test_large_frame_split_in_4k_chunks() -> None:
         assert all(o == b"" for o in outs[:-1])
         out = outs[-1] + relay.flush()
         assert set(frame_json(out)["choices"][0]["delta"].items()) == {(k, text) for k in MODE_KEYS[emit]}
-        assert relay.events == 1
+        assert relay.started and not relay.oversize
 
 
 def test_bad_emit_raises() -> None:
@@ -722,14 +806,17 @@ def test_property_chunking_and_byte_identity(
     whole, relay_whole = run(emit, [stream])
     chunked, relay = run(emit, pieces)
     assert chunked == whole  # (1) split invariance
-    if emit == "passthrough":
-        assert whole == stream  # (3)
-        return
-    # (2) frames without a reasoning key (and no-op frames) are byte-identical;
-    # rewritten frames are exactly orjson.dumps of the rewritten object.
-    assert whole == b"".join(expected_frame(f, emit) for f in frames) + tail
-    assert relay.events == relay_whole.events == sum(map(is_event, frames))
+    # (2) complete frames only, nothing before the first event with data; frames without a
+    # reasoning key (and no-op frames) are byte-identical; rewritten frames are exactly
+    # orjson.dumps of the rewritten object; passthrough changes no frame.
+    assert whole == expected_stream(stream, emit)
+    assert relay.started == relay_whole.started == any(map(has_data, frames))
+    assert relay.done == relay_whole.done == last_data_is_done(whole)
+    assert relay.truncated == relay_whole.truncated == bool(tail)
     assert relay.rewritten == relay_whole.rewritten
+    if emit == "passthrough":
+        assert relay.rewritten == relay.bad_frames == 0
+        return
     assert relay.rewritten == sum(expected_frame(f, emit) != f for f in frames)
     assert relay.bad_frames == sum(b'"reasoning' in f and frame_json(f) is None for f in frames)
 
@@ -746,10 +833,6 @@ def test_property_arbitrary_bytes(tokens: list[bytes], emit: str, data: st.DataO
     pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
     whole, relay_whole = run(emit, [stream])
     chunked, relay = run(emit, pieces)
-    assert chunked == whole
-    frames, tail = split_frames(stream)
-    if emit == "passthrough" or b'"reasoning' not in stream:
-        assert whole == stream
-    else:
-        assert whole == b"".join(expected_frame(f, emit) for f in frames) + tail
-        assert relay.events == relay_whole.events == sum(map(is_event, frames))
+    assert chunked == whole == expected_stream(stream, emit)
+    assert relay.started == relay_whole.started == bool(whole)  # (a [DONE] completed at EOF starts it too)
+    assert relay.done == relay_whole.done == last_data_is_done(whole)

@@ -1,0 +1,329 @@
+"""One attempt of a request on one replica, and the relay of its answer to the client.
+
+An :class:`Attempt` lives pending → committed → finished:
+
+- pending: nothing has reached the client. A failure raises :class:`AttemptFailed`; it counts
+  against the replica and the request may be retried on another one (never the same one twice).
+- committed (``commit()``): the status line is going out. For a stream that is when the replica's
+  first complete SSE event with data has arrived (in every relay mode; comments are not data); for
+  any other body when the replica's headers are in. A half-open breaker's probe is judged here,
+  because a replica that produced a first event is serving again. From now on nothing is retried:
+  a failure (``broke()``) costs the client an OpenAI-shaped error event and ``data: [DONE]`` (a
+  cut connection for a binary body), gets a stable code in the access log and counts against the
+  replica.
+- finished (``finish()``, in the caller's ``finally``): the verdict goes to the breaker exactly
+  once -- or the grant is given back unjudged when the client went away first -- and the replica's
+  in-flight count is released.
+
+Streams are framed by :class:`teraproxy.sse.SSERelay` in every mode: bytes reach the client only
+in whole events, so an error event always starts on an event boundary, and the end of a stream is
+judged from what the framer saw (``done``), not from the last reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from aiohttp.http import HttpVersion11
+
+from teraproxy import client, sse, usage
+from teraproxy.breaker import ALLOWED
+from teraproxy.errors import GatewayTimeout, ProxyError, UpstreamError, error_body
+
+if TYPE_CHECKING:
+    from teraproxy.proxy import Ctx
+    from teraproxy.upstreams import Replica
+
+log = logging.getLogger("teraproxy")
+
+CLIENT_HIGH_WATER = 256 * 1024  # bytes queued for a client above which its replica is paused
+_DONE = b"data: [DONE]\n\n"
+PENDING, COMMITTED, FINISHED = "pending", "committed", "finished"
+# Access-log codes of streams that broke after the commit point (stable: dashboards key on them).
+BROKE_STREAM = "upstream_broke_stream"
+BROKE_TIMEOUT = "upstream_timeout"
+BROKE_EVENT_TOO_LARGE = "upstream_event_too_large"
+
+
+class AttemptFailed(Exception):
+    """One attempt failed before the commit point: count it against the replica, maybe retry."""
+
+    def __init__(self, error: ProxyError | None = None, status: int = 0, body: bytes = b"",
+                 final: bool = False) -> None:
+        super().__init__(error.message if error else f"HTTP {status}")
+        self.error = error
+        self.final = final  # another replica would fail the same way: no retry
+        self.status = status  # a replica's own 5xx answer, kept for the client if retries run out
+        self.body = body
+
+
+class Attempt:
+    """The life of one attempt: its replica, the breaker's grant, its state and its verdict."""
+
+    __slots__ = ("ctx", "grant", "ok", "replica", "state")
+
+    def __init__(self, ctx: Ctx, replica: Replica, grant: int) -> None:
+        self.ctx = ctx
+        self.replica = replica
+        self.grant = grant  # what the replica's breaker granted (ALLOWED or the half-open PROBE)
+        self.state = PENDING
+        self.ok: bool | None = None  # the verdict; None: none yet (or the client left first)
+        ctx.attempts += 1
+        ctx.replica = replica.url
+        replica.in_flight += 1
+        replica.requests += 1
+
+    def commit(self) -> None:
+        """The response is committed to the client: no other answer is possible any more."""
+        self.state = COMMITTED
+        self.ctx.committed = True
+        self.ctx.ttfb = time.monotonic() - self.ctx.t0
+        self.replica.record(True, self.grant)  # a half-open probe is judged at the commit
+        self.grant = ALLOWED  # from now on this request is an ordinary one
+
+    def failed(self, e: AttemptFailed) -> None:
+        """Before the commit point: the caller may retry elsewhere."""
+        self.ok = False
+        log.warning("replica %s failed for %s (attempt %d): %s", self.replica.url, self.ctx.rid,
+                    self.ctx.attempts, e)
+
+    def broke(self, code: str, why: str) -> None:
+        """After the commit point: the answer the client got is incomplete."""
+        self.ok = False
+        self.ctx.error = code
+        self.ctx.broken = True
+        log.warning("%s: %s for %s", self.replica.url, why, self.ctx.rid)
+
+    def answered(self) -> None:
+        """The attempt produced the client's answer (a replica's 4xx included): a success unless
+        it broke."""
+        if self.ok is None:
+            self.ok = True
+
+    def finish(self) -> None:
+        self.state = FINISHED
+        replica = self.replica
+        replica.in_flight -= 1
+        if self.ok is None:
+            replica.release(self.grant)
+        else:
+            replica.record(self.ok, self.grant)
+            if not self.ok:
+                replica.failures += 1
+
+
+def error_class(e: client.UpstreamFailure) -> type[ProxyError]:
+    return GatewayTimeout if isinstance(e, client.UpstreamTimeout) else UpstreamError
+
+
+def failed(replica: Replica, what: str, e: client.UpstreamFailure) -> AttemptFailed:
+    """A failed attempt that counts against the replica: 504 for a timeout, 502 for anything else.
+    An answer over limits.max_response is not retried: the size comes from the request (n, max_tokens,
+    logprobs), so another replica would spend a whole generation to fail the same way."""
+    if isinstance(e, client.ResponseTooLarge):
+        return AttemptFailed(UpstreamError(f"Replica {replica.url} {what}: {e}", code="response_too_large"),
+                             final=True)
+    return AttemptFailed(error_class(e)(f"Replica {replica.url} {what}: {e}"))
+
+
+async def stream(request: web.Request, att: Attempt, ex: client.Exchange, emit: str) -> web.StreamResponse:
+    """An SSE answer, framed in every mode; committed at the first complete event with data."""
+    ctx = att.ctx
+    relay = sse.SSERelay(emit, ctx.snap.config.limits.max_event)
+    feed: Callable[[bytes], bytes] = relay.feed
+    tap = ctx.tap = None if ctx.tap_strip is None else usage.UsageTap(ctx.tap_strip)  # fresh per attempt
+    if tap is not None:
+        feed = _tapped(relay.feed, tap)
+    pending: list[bytes] = []
+
+    def before_commit(data: bytes) -> None:
+        out = feed(data)
+        if out:
+            pending.append(out)
+        if relay.started or relay.oversize:
+            ex.wake()
+
+    for early in ex.take_body():  # body bytes that came in with the headers
+        before_commit(early)
+    ex.on_body = before_commit
+    await _first_event(att, ex, relay, tap, pending)
+    resp = web.StreamResponse(status=200, headers={
+        "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no", "Server": "teraproxy", "X-Request-ID": ctx.rid})
+    await _prepare(request, resp)  # the commit point
+    att.commit()
+
+    def too_large() -> None:  # the framer let the oversize event go: end the exchange
+        if relay.oversize and ex.error is None:
+            ex.fail(client.UpstreamFailure(f"event over limits.max_event ({relay.max_event} bytes)",
+                                           got_bytes=True))
+            ex.conn.abort()
+
+    sink = await _pump(request, resp, att, ex, feed, too_large, pending)
+    if sink.transport.is_closing():  # the client left (or stalled): not the replica's fault
+        ctx.client_gone = True
+        return resp  # aiohttp's own write_eof on the closed transport is a quiet ConnectionError
+    if ex.error is None:
+        out = relay.flush()  # an incomplete last frame is dropped, never sent
+        sink.write(out if tap is None else tap.feed(out) + tap.flush())
+    if not relay.done:  # whatever happened after a [DONE], the answer was whole
+        _broke(att, sink, relay, ex.error)
+    ctx.frames_rewritten = relay.rewritten
+    ctx.bad_frames = relay.bad_frames
+    if relay.bad_frames:
+        log.warning("replica %s sent %d frame(s) with a reasoning field that are not valid JSON; "
+                    "passed through unchanged (%s)", att.replica.url, relay.bad_frames, ctx.rid)
+    await resp.write_eof()
+    return resp
+
+async def _first_event(att: Attempt, ex: client.Exchange, relay: sse.SSERelay, tap: usage.UsageTap | None,
+                       pending: list[bytes]) -> None:
+    """Pending: wait for the first complete event with data; any failure is retryable."""
+    url = att.replica.url
+    while not relay.started:
+        if relay.oversize:
+            raise AttemptFailed(UpstreamError(
+                f"Replica {url} sent more than limits.max_event ({relay.max_event} bytes) before its "
+                "first event."))
+        if ex.error is not None:
+            raise failed(att.replica, "failed before its first event", ex.error)
+        if ex.complete:
+            out = relay.flush()  # EOF can complete a first event (one ending in a CR blank line)
+            if relay.started:
+                pending.append(out if tap is None else tap.feed(out) + tap.flush())
+                return
+            raise AttemptFailed(UpstreamError(f"Replica {url} closed the stream before its first event."))
+        await ex.wait()
+
+def _broke(att: Attempt, sink: _Sink, relay: sse.SSERelay, error: client.UpstreamFailure | None) -> None:
+    """The stream ended without its [DONE]: tell the client in an error event of its own."""
+    err: type[ProxyError] = UpstreamError
+    if relay.oversize:
+        code, why = BROKE_EVENT_TOO_LARGE, f"sent an event over limits.max_event ({relay.max_event} bytes)"
+    elif error is None:
+        code, why = BROKE_STREAM, "ended the stream without data: [DONE]"
+    elif isinstance(error, client.UpstreamTimeout):
+        code, why, err = BROKE_TIMEOUT, "went silent", GatewayTimeout
+    else:
+        code, why = BROKE_STREAM, f"broke the stream ({error})"
+    att.broke(code, f"replica {why} after the response began")
+    sink.write(b"data: " + error_body(
+        f"The model replica {why} after the response began; the answer is incomplete.",
+        err.type, err.code) + b"\n\n" + _DONE)
+
+async def binary(request: web.Request, att: Attempt, ex: client.Exchange,
+                headers: dict[str, str]) -> web.StreamResponse:
+    """Audio and other non-SSE bodies: committed at the replica's headers, streamed through."""
+    resp = web.StreamResponse(status=ex.status, headers=headers)
+    await _prepare(request, resp)
+    att.commit()
+    sink = await _pump(request, resp, att, ex, _same, None, ex.take_body())
+    if sink.transport.is_closing():
+        att.ctx.client_gone = True
+        return resp
+    if ex.error is not None:
+        code = BROKE_TIMEOUT if isinstance(ex.error, client.UpstreamTimeout) else BROKE_STREAM
+        att.broke(code, f"replica broke the body after the response began ({ex.error})")
+        # no way to signal an error inside a binary body: cut the connection so the
+        # client sees a truncated transfer instead of a silently short file
+        if request.transport is not None:
+            request.transport.abort()
+        return resp
+    await resp.write_eof()
+    return resp
+
+async def _pump(request: web.Request, resp: web.StreamResponse, att: Attempt, ex: client.Exchange,
+                feed: Callable[[bytes], bytes], on_nothing: Callable[[], None] | None,
+                first: list[bytes]) -> _Sink:
+    """After the commit point: each upstream body chunk goes through ``feed`` and straight
+    to the client's transport from the upstream's data callback (no task switch per chunk);
+    ``on_nothing`` runs when ``feed`` returns nothing. Returns when the upstream answer is
+    complete or failed."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise asyncio.CancelledError  # the client is gone; handler cancellation is on its way
+    sink = _Sink(transport, request.writer.chunked)  # type: ignore[attr-defined]
+    # The first write goes through aiohttp: it flushes the status line and headers it buffered.
+    # ``first`` keeps receiving body chunks while we await, until on_body is replaced below.
+    try:
+        while True:  # at least once: an empty write still sends the buffered head
+            chunk = b"".join(first)
+            first.clear()
+            await resp.write(chunk)
+            if not first:
+                break
+    except ConnectionError:
+        return sink  # the client went away: the caller sees a closing transport
+
+    def after_commit(data: bytes) -> None:
+        out = feed(data)
+        if out:
+            sink.write(out)
+            if sink.full():
+                ex.pause()  # the client reads slower than the replica writes: stop reading
+                ex.wake()
+        elif on_nothing is not None:
+            on_nothing()
+
+    ex.on_body = after_commit
+    stall = att.ctx.snap.config.timeouts.client_stall
+    while not ex.complete and ex.error is None:
+        if ex.conn.paused:
+            try:
+                async with asyncio.timeout(stall):
+                    await request.writer.drain()
+            except TimeoutError:
+                # the client stopped reading: the paused replica is holding a GPU slot for it
+                log.warning("client stopped reading for %gs; closing %s", stall, att.ctx.rid)
+                transport.abort()
+                return sink
+            except ConnectionError:
+                return sink  # the client went away while we waited for it
+            ex.resume()
+        await ex.wait()
+    return sink
+
+
+async def _prepare(request: web.Request, resp: web.StreamResponse) -> None:
+    """Send the status line and headers."""
+    if request.version < HttpVersion11:
+        # an HTTP/1.0 body without a length ends only when the connection closes; a 1.0 client that
+        # asked for keep-alive would otherwise wait for the keep-alive timeout (aiohttp keeps it open)
+        resp.force_close()
+    await resp.prepare(request)
+
+
+class _Sink:
+    """Writes to the client transport, framing HTTP/1.1 chunks itself."""
+
+    __slots__ = ("chunked", "transport")
+
+    def __init__(self, transport: asyncio.Transport, chunked: bool) -> None:
+        self.transport = transport
+        self.chunked = chunked
+
+    def write(self, out: bytes) -> None:
+        if not out or self.transport.is_closing():
+            return
+        if self.chunked:
+            self.transport.writelines((b"%x\r\n" % len(out), out, b"\r\n"))
+        else:
+            self.transport.write(out)
+
+    def full(self) -> bool:
+        return self.transport.get_write_buffer_size() > CLIENT_HIGH_WATER
+
+
+def _tapped(feed: Callable[[bytes], bytes], tap: usage.UsageTap) -> Callable[[bytes], bytes]:
+    def both(data: bytes) -> bytes:
+        return tap.feed(feed(data))
+    return both
+
+
+def _same(data: bytes) -> bytes:
+    return data

@@ -23,6 +23,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import ssl as ssl_mod
 from collections import deque
@@ -36,7 +37,8 @@ Origin = tuple[str, int, bool]  # host, port, tls
 # MAX_HEAD bytes and MAX_HEADERS header lines, like nginx's proxy_buffer_size: vLLM sends ~200 bytes.
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 100
-_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+_WATCH = select.POLLIN | _GONE
 
 
 class UpstreamFailure(Exception):
@@ -294,22 +296,22 @@ class _Conn(asyncio.Protocol):
 
     def stale(self) -> bool:
         """True if this idle connection can no longer carry a request: the replica closed or reset
-        it, or wrote to it, after the event loop last looked. Checked (one non-blocking peek)
+        it, or wrote to it, after the event loop last looked. Checked (one poll(2) with no wait)
         just before a reuse, so that a request is only written to a live connection."""
         if self.lost or self.transport is None or self.transport.is_closing():
             return True
         if self.fd < 0:
             return False
-        sock = socket.socket(self.family, socket.SOCK_STREAM, 0, self.fd)
+        poller = self.client._poller
+        poller.register(self.fd, _WATCH)
         try:
-            data = sock.recv(1, _PEEK)
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
+            ready = poller.poll(0)
         finally:
-            sock.detach()  # the fd stays the transport's
-        return not data or not self.origin[2]  # EOF, or stray bytes (TLS: maybe a session ticket)
+            poller.unregister(self.fd)
+        if not ready:
+            return False
+        # TLS may legitimately send records on an idle connection (session tickets); plain HTTP may not
+        return bool(ready[0][1] & _GONE) or not self.origin[2]
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -395,6 +397,7 @@ class Client:
         # yours, connect". Invariant: while anyone waits there is no idle connection and no free slot.
         self._waiters: deque[tuple[Origin, asyncio.Future[_Conn | None]]] = deque()
         self._ssl: ssl_mod.SSLContext | None = None
+        self._poller = select.poll()  # for _Conn.stale
         self.closed = False
 
     async def request(self, origin: Origin, head: bytes, body: bytes, headers_timeout: float,

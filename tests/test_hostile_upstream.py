@@ -322,7 +322,7 @@ async def test_stale_pooled_connection_is_caught_before_the_write() -> None:
     """The replica closed an idle pooled connection and the event loop has not seen it yet (here:
     reading paused): the request goes out on a new connection, once."""
     seen: list[int] = []
-    close_idle = asyncio.Event()
+    close_idle, closed = asyncio.Event(), asyncio.Event()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn_no = len(seen)
@@ -333,6 +333,9 @@ async def test_stale_pooled_connection_is_caught_before_the_write() -> None:
             await writer.drain()
             if conn_no == 0:
                 await close_idle.wait()
+                writer.close()
+                await writer.wait_closed()
+                closed.set()  # on loopback our side has the FIN once close() returned
                 return
 
     head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
@@ -347,7 +350,7 @@ async def test_stale_pooled_connection_is_caught_before_the_write() -> None:
             assert conn.transport is not None
             conn.transport.pause_reading()  # the loop cannot see the replica's FIN
             close_idle.set()
-            await asyncio.sleep(0.1)
+            await asyncio.wait_for(closed.wait(), 5)
             ex = await c.request(origin, head, b"", 2, 2)
             assert await ex.read_all(10) == b"ok"
             c.release(ex)

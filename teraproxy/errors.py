@@ -65,12 +65,6 @@ class AuthError(ProxyError):
     code = "invalid_api_key"
 
 
-class PermissionDenied(ProxyError):
-    status = 403
-    type = "invalid_request_error"
-    code = "model_not_allowed"
-
-
 class NotFound(ProxyError):
     status = 404
     type = "invalid_request_error"

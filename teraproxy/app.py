@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import aiohttp
 import orjson
@@ -67,7 +69,9 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> ProxyE
 @web.middleware
 async def edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
     """Request id, the error ladder and the access log, for every request on the API port."""
-    ctx = Ctx(new_request_id(request.headers.get("X-Request-ID")), request.app[LIVE].current)
+    live = request.app[LIVE]
+    ctx = Ctx(new_request_id(request.headers.get("X-Request-ID")), live.current)
+    live.active += 1
     request[CTX] = ctx
     status = 499  # the client went away before an answer
     try:
@@ -93,6 +97,7 @@ async def edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
             resp.force_close()            # the rest of it cannot be told from a next request
         return resp
     finally:
+        live.active -= 1
         elapsed = time.monotonic() - ctx.t0
         metrics = request.app[METRICS]
         metrics.request(ctx.model, status, elapsed, ctx.ttfb, ctx.attempts, ctx.frames_rewritten, ctx.bad_frames)
@@ -239,26 +244,41 @@ def create_admin_app(api: web.Application) -> web.Application:
     return admin
 
 
-async def start_servers(config: Config, path: str | None = None) -> tuple[web.Application, list[web.AppRunner]]:
+async def start_servers(config: Config, path: str | None = None, inherited: Sequence[socket.socket] = (),
+                        ssl_context: ssl.SSLContext | None = None) -> tuple[web.Application, list[web.AppRunner]]:
     """Set up the API (and admin) runners with the hardened server settings and bind them.
 
+    ``inherited``: listening sockets from systemd's socket activation; the one on admin_listen's
+    port serves the admin app, the others the API (a socket-activated port is never bound here).
     Raises OSError naming the address when a port cannot be bound (runners already set up
     are cleaned up first). Callers clean the returned runners up in reverse order.
     """
     app = create_app(config, path)
+    admin_port = config.admin_listen.port if config.admin_listen else None
+    admin_socks = [s for s in inherited if s.getsockname()[1] == admin_port]
+    api_socks = [s for s in inherited if s not in admin_socks]
     runners: list[web.AppRunner] = []
     try:
+        # the daemon's drain (daemon.py) waits for requests itself: this is only the last word
         runner = Runner(app, Edge(app[ACCESS], app[METRICS]), handler_cancellation=True,
                         keepalive_timeout=config.timeouts.keepalive,
-                        access_log=None, shutdown_timeout=30.0)
+                        access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         runners.append(runner)
-        await _bind(runner, config.listen.host, config.listen.port, "listen")
+        for sock in api_socks:
+            await web.SockSite(runner, sock, ssl_context=ssl_context).start()
+        if not api_socks:
+            await _bind(runner, config.listen.host, config.listen.port, "listen", ssl_context,
+                        config.listen_reuse_port)
         if config.admin_listen is not None:
-            admin = web.AppRunner(create_admin_app(app), access_log=None, keepalive_timeout=15)
+            admin = web.AppRunner(create_admin_app(app), access_log=None, keepalive_timeout=15,
+                                  shutdown_timeout=1.0)
             await admin.setup()
             runners.append(admin)
-            await _bind(admin, config.admin_listen.host, config.admin_listen.port, "admin_listen")
+            for sock in admin_socks:
+                await web.SockSite(admin, sock).start()
+            if not admin_socks:
+                await _bind(admin, config.admin_listen.host, config.admin_listen.port, "admin_listen")
     except BaseException:
         for r in reversed(runners):
             await r.cleanup()
@@ -266,9 +286,11 @@ async def start_servers(config: Config, path: str | None = None) -> tuple[web.Ap
     return app, runners
 
 
-async def _bind(runner: web.AppRunner, host: str, port: int, key: str) -> None:
+async def _bind(runner: web.AppRunner, host: str, port: int, key: str, ssl_context: ssl.SSLContext | None = None,
+                reuse_port: bool = False) -> None:
     try:
-        await web.TCPSite(runner, host, port, backlog=4096).start()
+        await web.TCPSite(runner, host, port, backlog=4096, ssl_context=ssl_context,
+                          reuse_port=reuse_port or None).start()
     except OSError as e:
         why = os.strerror(e.errno).lower() if e.errno else str(e)
         raise OSError(e.errno, f"{key}: cannot listen on {host}:{port}: {why}") from None

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from teraproxy import __version__
-from teraproxy.config import Config, ConfigError, load_config, parse_config
+from teraproxy.config import Config, ConfigError, load_config, parse_config, parse_listen
 
 USAGE_ERROR = 2
 
@@ -70,29 +70,13 @@ async def _until_signalled() -> str:
     return await got
 
 
-async def serve_forever(config: Config, ready: Callable[[], None] | None = None) -> None:
-    from teraproxy.app import LIVE, start_servers
+async def serve_forever(config: Config, ready: Callable[[], None] | None = None, path: str | None = None,
+                        overrides: dict[str, Any] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain (daemon.py); SIGHUP re-reads ``path`` (and applies
+    ``overrides``, the command line's settings, over it)."""
+    from teraproxy.daemon import Daemon
 
-    log = logging.getLogger("teraproxy")
-    try:
-        app, runners = await start_servers(config)
-    except OSError as e:
-        raise StartupError(e.strerror or str(e)) from None
-    t0: float | None = None
-    try:
-        log.info("teraproxy %s listening on %s (admin: %s), %d model(s)", __version__, config.listen,
-                 config.admin_listen or "off", len(config.models))
-        if ready:
-            ready()
-        sig = await _until_signalled()
-        t0 = time.monotonic()
-        in_flight = sum(r.in_flight for r in app[LIVE].current.replicas)
-        log.info("%s: shutting down: listeners close, %d request(s) in flight get up to 30 s", sig, in_flight)
-    finally:
-        for r in reversed(runners):
-            await r.cleanup()
-        if t0 is not None:
-            log.info("shut down in %.2f s", time.monotonic() - t0)
+    await Daemon(config, path, overrides or {}).run(ready)
 
 
 def _run(coro: Awaitable[None]) -> int:
@@ -107,23 +91,34 @@ def _run(coro: Awaitable[None]) -> int:
     return 0
 
 
-def _load(path: str | None, warnings: list[str] | None = None) -> Config:
+def _path(path: str | None) -> str:
     path = path or os.environ.get("TERAPROXY_CONFIG")
     if not path:
         raise ConfigError(["--config: missing (or set TERAPROXY_CONFIG)"])
-    return load_config(path, warnings)
+    return path
+
+
+def _load(path: str | None, warnings: list[str] | None = None) -> Config:
+    return load_config(_path(path), warnings)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = _load(args.config)
+        if args.admin_listen:  # one config for several instances on one port, each with its own admin port
+            try:
+                config = dataclasses.replace(config, admin_listen=parse_listen(args.admin_listen))
+            except ValueError as e:
+                raise ConfigError([f"--admin-listen: {e}"]) from None
         _check_runtime()
     except ConfigError as e:
         return _fail(e.problems)
     except StartupError as e:
         return _fail(str(e))
     _setup_logging(config.log.level)  # the access log is separate: stdout, log.access_log
-    return _run(serve_forever(config))
+    # absolute: a reload re-reads it, whatever the working directory is by then
+    overrides = {"admin_listen": config.admin_listen} if args.admin_listen else {}
+    return _run(serve_forever(config, path=os.path.abspath(_path(args.config)), overrides=overrides))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -247,6 +242,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Check the config, then ask the running proxy (on admin_listen) to re-read its config file."""
+    import urllib.error
+    import urllib.request
+
+    import orjson
+
+    try:
+        config = _load(args.config)
+    except ConfigError as e:
+        return _fail(e.problems)
+    if config.admin_listen is None:
+        return _fail("admin_listen: not set in this config; send SIGHUP to the process instead (kill -HUP PID)")
+    url = f"http://{config.admin_listen}/admin/reload"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=10) as resp:
+            doc = orjson.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        doc = orjson.loads(e.read()) if e.code == 422 else {"ok": False, "problems": [f"{url} answered {e.code}"]}
+    except (urllib.error.URLError, OSError) as e:
+        return _fail(f"cannot reach {url}: {getattr(e, 'reason', e)}")
+    if not doc.get("ok"):
+        return _fail(["reload refused, the proxy keeps its previous config:", *doc.get("problems", [])])
+    print(f"reloaded: config sha256 {doc['sha256']}")
+    return 0
+
+
 def cmd_key(args: argparse.Namespace) -> int:
     from teraproxy.auth import hash_key
 
@@ -267,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the proxy daemon")
     s.add_argument("--config", help="config file (default: $TERAPROXY_CONFIG)")
+    s.add_argument("--admin-listen", metavar="HOST:PORT",
+                   help="admin_listen for this instance (several instances sharing one config and port)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("check", help="validate a config file")
@@ -304,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="print the replicas' state from a running proxy's admin port")
     s.add_argument("--config", help="config file (default: $TERAPROXY_CONFIG)")
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("reload", help="check a config, then make the running proxy re-read its config file")
+    s.add_argument("--config", help="config file (default: $TERAPROXY_CONFIG)")
+    s.set_defaults(func=cmd_reload)
 
     s = sub.add_parser("key", help="make a new API key and its config entry")
     s.add_argument("--name", default="team-a")

@@ -188,6 +188,9 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     reasoning: str = "both"
+    shutdown: ShutdownConfig = field(default_factory=lambda: ShutdownConfig())
+    listen_reuse_port: bool = False  # SO_REUSEPORT: several instances share the API port
+    tls: TLSConfig | None = None  # HTTPS on the API listener
     load: LoadConfig = field(default_factory=LoadConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
 
@@ -563,7 +566,8 @@ def parse_config(raw: Any, warnings: list[str] | None = None, base: Path | None 
     relative paths in the config (auth.keys_file) are taken from."""
     r = _Reader(warnings)
     top = {"listen", "admin_listen", "auth", "models", "limits", "timeouts", "upstream",
-           "health", "breaker", "retry", "log", "reasoning", "load", "queue", "ratelimit"}
+           "health", "breaker", "retry", "log", "reasoning", "load", "queue", "ratelimit", "shutdown",
+           "listen_reuse_port", "tls"}
     if not isinstance(raw, dict):
         raise ConfigError(["(top level): must be a mapping of settings"])
     r.mapping(raw, "", top)
@@ -603,12 +607,42 @@ def parse_config(raw: Any, warnings: list[str] | None = None, base: Path | None 
         load=_section(r, raw, "load", LoadConfig, {"enabled": _bool, "path": _path, "interval": pdur,
                                                    "timeout": pdur, "stale_after": dur}),
         queue=_section(r, raw, "queue", QueueConfig, {"max": _int(0), "timeout": pdur}),
+        shutdown=_section(r, raw, "shutdown", ShutdownConfig, {"drain": dur}),
+        listen_reuse_port=r.get(raw, "listen_reuse_port", "", _bool, False),
+        tls=_tls(r, raw),
     )
     if cfg.breaker.max_open < cfg.breaker.open:
         r.fail("breaker.max_open", "must be >= breaker.open")
     if r.problems:
         raise ConfigError(r.problems)
     return cfg
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    drain: float = 30.0  # SIGTERM: how long in-flight requests and streams may take to finish
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: str  # PEM certificate chain; re-read on every reload (renewals need no restart)
+    key: str
+
+
+def _tls(r: _Reader, raw: dict[str, Any]) -> TLSConfig | None:
+    if raw.get("tls") is None:
+        return None
+    d = r.mapping(raw["tls"], "tls", {"cert", "key"})
+    files = {}
+    for k in ("cert", "key"):
+        v = d.get(k)
+        if not isinstance(v, str) or not v:
+            r.fail(f"tls.{k}", "missing: the path of a PEM file")
+        elif not os.access(v, os.R_OK):
+            r.fail(f"tls.{k}", f"cannot read {v}")
+        else:
+            files[k] = v
+    return TLSConfig(files["cert"], files["key"]) if len(files) == 2 else None
 
 
 def _path(v: Any) -> str:

@@ -152,6 +152,14 @@ class UpstreamBusy(ProxyError):
     code = "upstream_busy"
 
 
+class ShuttingDown(ProxyError):
+    """The drain time (shutdown.drain) ran out before this request's answer was complete."""
+
+    status = 503
+    type = "server_error"
+    code = "server_shutting_down"
+
+
 class GatewayTimeout(ProxyError):
     """The replica did not answer in time (or went silent)."""
 

@@ -37,6 +37,7 @@ from teraproxy.errors import (
     NoHealthyReplica,
     PayloadTooLarge,
     RequestTimeout,
+    ShuttingDown,
     UpstreamBusy,
     UpstreamError,
     echo,
@@ -127,6 +128,18 @@ class Proxy:
         retry = live.current.config.retry
         self.budget = RetryBudget(retry.budget, retry.window, clock)
         self.created = int(time.time())
+        self.exchanges: set[client.Exchange] = set()  # upstream answers being read (cut at the end of a drain)
+        self.cutting = False
+
+    def cut(self) -> int:
+        """The drain time is over: end every answer still coming from a replica. A committed stream gets
+        an error event and [DONE]; a request not yet answered gets a 503. Returns how many were cut."""
+        self.cutting = True
+        cut = list(self.exchanges)
+        for ex in cut:
+            ex.fail(relay.Cut("the gateway is shutting down"))
+            ex.conn.abort()
+        return len(cut)
 
     def configure(self, snap: Snapshot) -> None:
         """A reload's settings for what outlives a snapshot (the retry budget keeps its history)."""
@@ -303,6 +316,8 @@ class Proxy:
                 att.answered()
                 return resp
             except AttemptFailed as e:
+                if self.cutting:  # the drain's end, not the replica: no verdict, no retry
+                    raise ShuttingDown("The gateway is shutting down; the request was not completed.") from None
                 att.failed(e)
                 last = e
                 if e.final:
@@ -347,6 +362,7 @@ class Proxy:
             raise failed(replica, "did not answer", e) from None
         except client.PoolBusy as e:  # our own congestion: no verdict on the replica, no retry
             raise UpstreamBusy(f"The gateway is busy: {e}; retry shortly.", headers={"Retry-After": "1"}) from None
+        self.exchanges.add(ex)
         try:
             status = ex.status
             if status >= 400:
@@ -371,6 +387,7 @@ class Proxy:
                 return await relay.stream(request, att, ex, pool.emit if chat else "passthrough")
             return await relay.binary(request, att, ex, self._response_headers(ex, ctx.rid))
         finally:
+            self.exchanges.discard(ex)
             self.client.release(ex)  # pooled again after a complete answer, closed otherwise
 
     async def _read(self, ex: client.Exchange, replica: Replica, limit: int, truncate: bool = False) -> bytes:

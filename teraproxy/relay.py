@@ -33,7 +33,7 @@ from aiohttp.http import HttpVersion11
 
 from teraproxy import client, sse, usage
 from teraproxy.breaker import ALLOWED
-from teraproxy.errors import GatewayTimeout, ProxyError, UpstreamError, error_body
+from teraproxy.errors import GatewayTimeout, ProxyError, ShuttingDown, UpstreamError, error_body
 
 if TYPE_CHECKING:
     from teraproxy.proxy import Ctx
@@ -48,6 +48,11 @@ PENDING, COMMITTED, FINISHED = "pending", "committed", "finished"
 BROKE_STREAM = "upstream_broke_stream"
 BROKE_TIMEOUT = "upstream_timeout"
 BROKE_EVENT_TOO_LARGE = "upstream_event_too_large"
+CUT_BY_DRAIN = "cut_by_drain"  # shutdown.drain ran out (daemon.py): the gateway's doing, not the replica's
+
+
+class Cut(client.UpstreamFailure):
+    """An answer ended by the drain deadline (``Proxy.cut``), not by its replica."""
 
 
 class AttemptFailed(Exception):
@@ -203,6 +208,12 @@ async def _first_event(att: Attempt, ex: client.Exchange, relay: sse.SSERelay, t
 def _broke(att: Attempt, sink: _Sink, relay: sse.SSERelay, error: client.UpstreamFailure | None) -> None:
     """The stream ended without its [DONE]: tell the client in an error event of its own."""
     err: type[ProxyError] = UpstreamError
+    if isinstance(error, Cut):  # no verdict on the replica: the grant goes back unjudged
+        att.ctx.error = CUT_BY_DRAIN
+        att.ctx.broken = True
+        sink.write(b"data: " + error_body("The gateway is shutting down (its drain time ran out); the answer "
+                                          "is incomplete.", ShuttingDown.type, ShuttingDown.code) + b"\n\n" + _DONE)
+        return
     if relay.oversize:
         code, why = BROKE_EVENT_TOO_LARGE, f"sent an event over limits.max_event ({relay.max_event} bytes)"
     elif error is None:

@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -43,7 +44,7 @@ from teraproxy.upstreams import ASSUMED_UP, PENDING, ModelPool, Replica, build_t
 log = logging.getLogger("teraproxy.runtime")
 
 # Keys a reload cannot apply (the sockets are bound once); a change is warned about and undone.
-RESTART_ONLY = ("listen", "admin_listen")
+RESTART_ONLY = ("listen", "admin_listen", "listen_reuse_port")
 _REAP_EVERY = 0.2  # seconds between looks at retired replicas' in-flight counts
 
 
@@ -95,6 +96,7 @@ class Live:
         self.current = snapshot
         self.retiring: dict[int, Replica] = {}  # removed by a reload, requests still in flight
         self.draining = False  # SIGTERM: no new connections, /readyz answers 503
+        self.active = 0  # API requests being handled (the edge middleware counts them; drain waits for 0)
         self.reloads = 0
         self.reload_failures = 0
         self.last_reload_ok = snapshot.loaded_at
@@ -137,6 +139,10 @@ def _pin_restart_only(new: Config, old: Config) -> tuple[Config, list[str]]:
             warnings.append(f"{key}: changed from {was} to {now}, which needs a restart; "
                             f"still serving on {was}")
             fixed[key] = was
+    if (old.tls is None) != (new.tls is None):  # a new certificate is fine, switching TLS on or off is not
+        warnings.append(f"tls: {'added' if new.tls else 'removed'}, which needs a restart; keeping "
+                        f"{'plain HTTP' if old.tls is None else 'TLS'} on {old.listen}")
+        fixed["tls"] = old.tls
     return (dataclasses.replace(new, **fixed) if fixed else new), warnings
 
 
@@ -156,6 +162,7 @@ class Reloader:
         self.on_swap: list[Callable[[Snapshot], None]] = []
         self.on_retired: list[Callable[[Replica], None]] = []
         self.extra_checks: list[Callable[[Config], list[str]]] = []
+        self.overrides: dict[str, Any] = {}  # command-line settings that win over the file's
         self._reaper: asyncio.Task[None] | None = None
 
     def reload(self) -> list[str]:
@@ -167,6 +174,8 @@ class Reloader:
             try:
                 sha = file_sha256(self.path)
                 config = load_config(self.path)
+                if self.overrides:
+                    config = dataclasses.replace(config, **self.overrides)
                 problems = [p for check in self.extra_checks for p in check(config)]
             except ConfigError as e:
                 problems = e.problems

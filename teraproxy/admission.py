@@ -1,14 +1,14 @@
 """The per-model admission queue: where a request waits while every replica is at its max_in_flight.
 
 ``FairQueue`` is the pure core (no asyncio, an injected clock): entries are grouped by priority class
-(high, normal, low) and, inside a class, by key. ``pop()`` chooses the class by smooth weighted round
-robin over the classes that have entries (weights 8:4:1 — the higher class goes first most of the
-time, and every class keeps a floor share, so ``low`` gets at least 1/13 of the grants however busy
-``high`` is), then the key by round robin over that class's keys with entries (deficit round robin
-with a cost of one request per turn: one key's 2,000 queued requests wait behind one request of every
-other key), then the entry FIFO within the key. Every entry carries its deadline; ``pop()`` never
-returns an expired one. Removal (a client that left, a timeout) is O(1): the entry is marked and
-skipped later, the counts change at once. Anonymous traffic (``auth: off``) is one key.
+(high, normal, low) and, inside a class, by key. ``pop()`` chooses the highest class with entries,
+except that a lower class keeps a floor share however busy the higher ones are: ``normal`` gets at
+least one grant in every 4, ``low`` one in every 10, while they have entries. Inside the class it
+takes the next key in round robin over the keys with entries (deficit round robin with a cost of one
+request per turn: one key's 2,000 queued requests wait behind one request of every other key), and
+that key's oldest entry (FIFO within a key). Every entry carries its deadline; ``pop()`` never returns
+an expired one. Removal (a client that left, a timeout) is O(1): the entry is marked and skipped
+later, the counts change at once. Anonymous traffic (``auth: off``) is one key.
 
 ``Admission`` is the asyncio shell one ModelPool owns: ``wait()`` queues a request and returns once a
 slot was granted to it (or raises 503 ``queue_full`` / ``queue_timeout``); ``freed()`` is the
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from teraproxy.errors import QueueFull, QueueTimeout
 
 CLASSES = ("high", "normal", "low")
-WEIGHTS = (8, 4, 1)
+FLOOR_EVERY = (1, 4, 10)  # a waiting class gets at least one grant in this many
 CLASS_OF = {name: i for i, name in enumerate(CLASSES)}
 
 
@@ -43,12 +43,11 @@ class Entry:
 
 
 class _Class:
-    __slots__ = ("current", "keys", "ring")
+    __slots__ = ("keys", "ring")
 
     def __init__(self) -> None:
         self.keys: dict[str, deque[Entry]] = {}
         self.ring: deque[str] = deque()  # keys with entries (live or not yet skipped), in turn order
-        self.current = 0
 
 
 class FairQueue:
@@ -60,6 +59,7 @@ class FairQueue:
         self.clock = clock
         self._classes = tuple(_Class() for _ in CLASSES)
         self._live = [0, 0, 0]  # live entries per class
+        self._starved = [0, 0, 0]  # grants in a row that went to another class while this one waited
         self.size = 0
 
     def __len__(self) -> int:
@@ -109,18 +109,19 @@ class FairQueue:
         return None
 
     def _next_class(self) -> int:
-        """Smooth weighted round robin (nginx's) over the classes with live entries."""
-        total, best = 0, -1
-        for i, c in enumerate(self._classes):
-            if self._live[i]:
-                c.current += WEIGHTS[i]
-                total += WEIGHTS[i]
-                if best < 0 or c.current > self._classes[best].current:
-                    best = i
-            else:
-                c.current = 0  # an idle class does not bank credit
-        self._classes[best].current -= total
-        return best
+        """The highest class with live entries, unless a lower one is owed its floor share: while it
+        has entries, class c gets at least one grant in every FLOOR_EVERY[c]."""
+        live, starved = self._live, self._starved
+        chosen = -1
+        for i in range(1, len(CLASSES)):  # the highest class owed its share, if any
+            if live[i] and starved[i] >= FLOOR_EVERY[i] - 1:
+                chosen = i
+                break
+        if chosen < 0:
+            chosen = next(i for i in range(len(CLASSES)) if live[i])
+        for i in range(len(CLASSES)):
+            starved[i] = starved[i] + 1 if live[i] and i != chosen else 0
+        return chosen
 
     def _pop_class(self, cls: int) -> Entry | None:
         c = self._classes[cls]

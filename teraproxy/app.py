@@ -108,6 +108,8 @@ async def edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
             metrics.rate_limited(ctx.key, ctx.limited)
         if ctx.broken:
             metrics.stream_broken(ctx.model, ctx.replica)
+        if ctx.queued is not None:
+            metrics.queue_wait(ctx.model, ctx.queued)
         alog = request.app[ACCESS]
         if alog.stream is not None:
             alog.write({
@@ -116,6 +118,7 @@ async def edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
                 "replica": ctx.replica, "attempts": ctx.attempts,
                 "ttfb_ms": None if ctx.ttfb is None else round(ctx.ttfb * 1000, 2),
                 "ms": round(elapsed * 1000, 2), "error": ctx.error,
+                "queue_ms": None if ctx.queued is None else round(ctx.queued * 1000, 2),
                 "rewritten": ctx.frames_rewritten, "bad_frames": ctx.bad_frames,
                 "prompt_tokens": None if u is None else u.prompt,
                 "completion_tokens": None if u is None else u.completion,

@@ -43,6 +43,9 @@ class Metrics:
         self.streams_broken = Counter("teraproxy_streams_broken",
                                       "Streams a replica broke after the commit point (the client got an "
                                       "error event)", ["model", "replica"], registry=self.registry)
+        self.queue_waits = Histogram("teraproxy_queue_wait_seconds",
+                                     "Time requests spent in the admission queue (part of time to first token)",
+                                     ["model"], buckets=_BUCKETS, registry=self.registry)
         self._children: dict[tuple[str, int], tuple[Counter, Histogram, Histogram]] = {}
         # key names label these: bounded by the config (never the key itself); "" is auth: off
         self.token_counts = Counter("teraproxy_tokens", "Tokens as replicas reported them (a stream that broke "
@@ -95,6 +98,10 @@ class Metrics:
         m = model if model is not None and model in self.live.current.table else NO_MODEL
         self.streams_broken.labels(m, replica or "").inc()
 
+    def queue_wait(self, model: str | None, seconds: float) -> None:
+        m = model if model is not None and model in self.live.current.table else NO_MODEL
+        self.queue_waits.labels(m).observe(seconds)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -140,7 +147,11 @@ class _TableCollector(Collector):
             flight.add_metric(lv, r.in_flight)
             reqs.add_metric(lv, r.requests)
             fails.add_metric(lv, r.failures)
-        yield from (up, open_, flight, reqs, fails)
+        depth = GaugeMetricFamily("teraproxy_queue_depth", "Requests waiting in the model's admission queue",
+                                  labels=["model"])
+        for pool in snap.table.values():
+            depth.add_metric([pool.id], len(pool.queue.q) if pool.queue is not None else 0)
+        yield from (up, open_, flight, reqs, fails, depth)
 
 
 class _LimiterCollector(Collector):

@@ -36,6 +36,7 @@ from teraproxy.errors import (
     ModelNotFound,
     NoHealthyReplica,
     PayloadTooLarge,
+    QueueFull,
     RequestTimeout,
     ShuttingDown,
     UpstreamBusy,
@@ -79,6 +80,8 @@ class Ctx:
         "key",
         "limited",
         "model",
+        "priority",
+        "queued",
         "replica",
         "rid",
         "snap",
@@ -111,6 +114,8 @@ class Ctx:
         self.tap_strip: bool | None = None  # None: no usage tap; else whether it removes the usage chunk
         self.tap: usage.UsageTap | None = None  # the current attempt's
         self.usage: usage.Usage | None = None
+        self.priority = "normal"  # the key's admission queue class
+        self.queued: float | None = None  # seconds spent in the admission queue, if it waited there
 
 
 CTX = web.RequestKey("teraproxy_ctx", Ctx)
@@ -172,7 +177,9 @@ class Proxy:
     def _auth(self, request: web.Request) -> KeyConfig | None:
         key = request[CTX].snap.keys.check(request.headers.get("Authorization"))
         if key is not None:
-            request[CTX].key = key.name
+            ctx = request[CTX]
+            ctx.key = key.name
+            ctx.priority = key.priority
         return key
 
     def _model_obj(self, mid: str) -> dict[str, Any]:
@@ -300,7 +307,7 @@ class Proxy:
         self.budget.request()
         config = ctx.snap.config
         for attempt in range(config.retry.attempts):
-            replica = await self._pick(pool, tried, affinity, config.breaker.trial_wait)
+            replica = await self._pick(ctx, pool, tried, affinity, config.breaker.trial_wait)
             if replica is None:
                 break
             if attempt and not self.budget.try_retry():
@@ -324,6 +331,8 @@ class Proxy:
                     break
             finally:
                 att.finish()
+                for q in replica.queues:
+                    q.freed()  # the "capacity freed" event: admit the next one waiting (any model it serves)
         if last is not None:
             if last.error is not None:
                 raise last.error
@@ -332,11 +341,26 @@ class Proxy:
         raise NoHealthyReplica(f"No healthy replica is available for model '{pool.id}'.",
                                headers={"Retry-After": str(wait)})
 
-    async def _pick(self, pool: ModelPool, tried: list[Replica], affinity: str | None,
+    async def _pick(self, ctx: Ctx, pool: ModelPool, tried: list[Replica], affinity: str | None,
                     trial_wait: float) -> Replica | None:
         """A replica for the next attempt. When none is available but one is up with its half-open
         trial in flight, wait (up to ``breaker.trial_wait`` in all) for that trial's verdict instead
-        of failing at once: with one replica per model, failing would be an outage after the outage."""
+        of failing at once: with one replica per model, failing would be an outage after the outage.
+        A first attempt waits in the model's admission queue while every replica is at its
+        max_in_flight, or while others wait there already (no overtaking); a granted slot is taken
+        without an await in between, so nobody else can take it."""
+        q = pool.queue
+        if q is not None and not tried and (q.busy() or pool.saturated()):
+            t0 = time.monotonic()
+            waited = True
+            try:
+                await q.wait(ctx.key, ctx.priority)
+            except QueueFull:
+                waited = False  # turned away at once: it never waited
+                raise
+            finally:
+                if waited:
+                    ctx.queued = time.monotonic() - t0
         replica = pick(pool.replicas, tried, self.clock(), self.rng, affinity, model=pool.id)
         deadline: float | None = None
         while replica is None:

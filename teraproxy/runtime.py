@@ -39,7 +39,7 @@ from prometheus_client.registry import Collector
 from teraproxy.auth import KeyTable
 from teraproxy.config import Config, ConfigError, ReplicaConfig, load_config
 from teraproxy.quota import Quota, build_quota
-from teraproxy.upstreams import ASSUMED_UP, PENDING, ModelPool, Replica, build_table
+from teraproxy.upstreams import ASSUMED_UP, PENDING, ModelPool, Replica, build_table, link_queues
 
 log = logging.getLogger("teraproxy.runtime")
 
@@ -86,7 +86,12 @@ def build(config: Config, sha256: str = "", previous: Snapshot | None = None,
 
     # the limiter outlives snapshots: a reload keeps every key's budget, only the limits change
     quota = build_quota(config, previous.limits if previous is not None else None)
-    return Snapshot(config, build_table(config, clock, make), sha256, quota)
+    table = build_table(config, clock, make)
+    for mid, pool in table.items():
+        if previous is not None and mid in previous.table:
+            pool.adopt(previous.table[mid])  # waiting requests keep their place
+    link_queues(table)
+    return Snapshot(config, table, sha256, quota)
 
 
 class Live:

@@ -53,6 +53,7 @@ class Replica:
         "missing",
         "models",
         "origin",
+        "queues",
         "reason",
         "report",
         "requests",
@@ -73,6 +74,7 @@ class Replica:
         self.missing: dict[str, str] = {}  # model → why this server does not serve it (its /v1/models)
         self.in_flight = 0
         self.max_in_flight = cfg.max_in_flight or NO_CAP
+        self.queues: tuple[Admission, ...] = ()  # admission queues of the pools listing it (link_queues)
         self.report: LoadReport | None = None  # the replica's own view of its load (loadreport.py)
         self.stale_after = config.load.stale_after or 3 * config.load.interval
         # Without active checks a replica is trusted until traffic says otherwise. With them, an
@@ -109,6 +111,8 @@ class Replica:
         self.cfg = cfg
         self.weight = cfg.weight
         self.slow_start = config.health.slow_start
+        self.max_in_flight = cfg.max_in_flight or NO_CAP
+        self.stale_after = config.load.stale_after or 3 * config.load.interval
         b = self.breaker
         b.failures, b.open_s, b.max_open_s = config.breaker.failures, config.breaker.open, config.breaker.max_open
         self.auth_header = f"Bearer {cfg.api_key}" if cfg.api_key else None
@@ -223,6 +227,16 @@ class ModelPool:
         capped = any(r.max_in_flight != NO_CAP for r in self.replicas)
         self.queue = Admission(cfg.id, config.queue.max, config.queue.timeout, self.room, clock) if capped else None
 
+    def adopt(self, previous: ModelPool) -> None:
+        """After a reload: keep the previous pool's queue, so requests waiting in it are admitted by
+        the new pool's capacity-freed events (the replicas, and so their in-flight counts, carry over)."""
+        old = previous.queue
+        if old is None or self.queue is None:
+            return
+        old.room = self.room
+        old.q.max_size, old.q.timeout = self.queue.q.max_size, self.queue.q.timeout
+        self.queue = old
+
     def room(self) -> int:
         """How many more requests the available replicas take right now (their max_in_flight)."""
         return sum(max(0, r.max_in_flight - r.in_flight) for r in self.replicas if r.available(self.id))
@@ -263,7 +277,16 @@ def build_table(config: Config, clock: Callable[[], float] = time.monotonic,
                 make: ReplicaFactory | None = None) -> dict[str, ModelPool]:
     """The routing table of a config: every pool that lists a URL holds that URL's one Replica."""
     replicas = build_replicas(config, clock, make)
-    return {m.id: ModelPool(m, config, replicas, clock) for m in config.models}
+    table = {m.id: ModelPool(m, config, replicas, clock) for m in config.models}
+    link_queues(table)
+    return table
+
+
+def link_queues(table: dict[str, ModelPool]) -> None:
+    """Give each replica the queues of every pool that lists it: capacity freed on a server shared by
+    several models may admit a request waiting for any of them."""
+    for r in unique_replicas(table):
+        r.queues = tuple(p.queue for p in table.values() if p.queue is not None and r in p.replicas)
 
 
 def unique_replicas(table: dict[str, ModelPool]) -> list[Replica]:

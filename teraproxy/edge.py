@@ -91,7 +91,8 @@ class Edge:
             self.access.write({
                 "ts": round(time.time(), 3), "rid": rid, "method": None, "path": None, "status": 400,
                 "model": None, "key": None, "stream": False, "replica": None, "attempts": 0, "ttfb_ms": None,
-                "ms": 0.0, "error": BadHttpRequest.code, "rewritten": 0, "bad_frames": 0, "prompt_tokens": None,
+                "ms": 0.0, "queue_ms": None, "error": BadHttpRequest.code, "rewritten": 0, "bad_frames": 0,
+                "prompt_tokens": None,
                 "completion_tokens": None, "tokens_estimated": False, "peer": peer})
 
 

@@ -22,7 +22,7 @@ def _counts(reps: tuple[Replica, ...], now: float, n: int = 400, key: str | None
     rng = random.Random(7)
     out = [0] * len(reps)
     for _ in range(n):
-        r = pick(reps, [], now, rng, key)
+        r = pick(reps, [], now, rng, key, model="m")
         assert r is not None
         out[reps.index(r)] += 1
     return out
@@ -61,22 +61,22 @@ def test_max_in_flight_caps_candidates_and_pool_room() -> None:
     a.in_flight = 2
     assert _counts((a, b), 0.0, 50) == [0, 50] and pool.room() == 2
     b.in_flight = 2
-    assert pick(pool.replicas, [], 0.0, random.Random()) is None
+    assert pick(pool.replicas, [], 0.0, random.Random(), model="m") is None
     assert pool.saturated() and pool.room() == 0
     assert _pool(2).queue is None  # no cap anywhere: no queue, nothing to wait for
 
 
 def test_affinity_keeps_its_replica_unless_saturated() -> None:
     a, b, c = _pool(3).replicas
-    home = pick((a, b, c), [], 0.0, random.Random(), "session-1")
-    assert home is not None and all(pick((a, b, c), [], 0.0, random.Random(i), "session-1") is home
+    home = pick((a, b, c), [], 0.0, random.Random(), "session-1", model="m")
+    assert home is not None and all(pick((a, b, c), [], 0.0, random.Random(i), "session-1", model="m") is home
                                     for i in range(20))
     home.report = LoadReport(running=8, waiting=3, kv=0.4, at=0.0)
-    moved = pick((a, b, c), [], 0.5, random.Random(), "session-1")
+    moved = pick((a, b, c), [], 0.5, random.Random(), "session-1", model="m")
     assert moved is not None and moved is not home
     for r in (a, b, c):  # all saturated: hashing as before
         r.report = LoadReport(running=8, waiting=3, kv=0.4, at=0.0)
-    assert pick((a, b, c), [], 0.5, random.Random(), "session-1") is home
+    assert pick((a, b, c), [], 0.5, random.Random(), "session-1", model="m") is home
 
 
 def test_reload_keeps_the_queue_and_takes_new_caps() -> None:

@@ -39,6 +39,7 @@ MAX_HEAD = 64 * 1024
 MAX_HEADERS = 100
 _GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
 _WATCH = select.POLLIN | _GONE
+_JOIN_BODY = 64 * 1024  # a request body smaller than this is copied into the head's write (one syscall)
 
 
 class UpstreamFailure(Exception):
@@ -423,8 +424,10 @@ class Client:
         ex = Exchange(conn, loop, headers_timeout, idle)
         conn.ex = ex
         assert conn.transport is not None
-        conn.transport.write(head + body if len(body) < 65536 else head)
-        if len(body) >= 65536:
+        if len(body) < _JOIN_BODY:
+            conn.transport.write(head + body)
+        else:
+            conn.transport.write(head)
             conn.transport.write(body)
         return ex
 

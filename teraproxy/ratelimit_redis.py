@@ -13,24 +13,22 @@ its slots for at most ``lease_ttl``.
 Failure: each call has a deadline of ``timeout`` (tens of ms). On an error or timeout the decision
 follows ``on_backend_error`` (allow: serve unlimited; deny: the caller answers 503), the error is
 counted in ``errors``, logged at most once per 10 s, and Redis is left alone for ``retry_after``
-seconds before the next try; the client reconnects by itself on that try.
+seconds before the next try; the connection is re-made by itself on that try. The wire is
+redisconn.py: one pipelined connection (see there for why not redis-py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-
 from teraproxy.ratelimit import BACKEND, IN_FLIGHT, REQUESTS, TOKENS, Decision, KeyLimits
+from teraproxy.redisconn import RedisConn, RedisError, bulk, encode
 
 log = logging.getLogger("teraproxy.ratelimit")
 
@@ -114,11 +112,28 @@ return 0
 """
 
 
-class _Ticket:
-    __slots__ = ("keys", "lease")
+_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (ADMIT, FINISH, RENEW)}
 
-    def __init__(self, keys: tuple[str, str], lease: str) -> None:
-        self.keys = keys
+
+class _Key:
+    """One key's Redis names and its admission command, encoded once (only the lease id varies)."""
+
+    __slots__ = ("head", "lease_set", "limits", "state", "tail")
+
+    def __init__(self, name: str, limits: KeyLimits, lease_ttl: float) -> None:
+        self.state, self.lease_set = f"tp:{{{name}}}", f"tp:{{{name}}}:if"
+        self.limits = limits
+        parts = encode("EVALSHA", _SHA[ADMIT], 2, self.state, self.lease_set, limits.requests_per_minute or 0,
+                       limits.tokens_per_minute or 0, limits.max_in_flight or 0)
+        self.head = b"*10" + parts[parts.index(b"\r\n"):]  # 10 items: these 8, the lease id, the ttl
+        self.tail = bulk(str(lease_ttl).encode())
+
+
+class _Ticket:
+    __slots__ = ("key", "lease")
+
+    def __init__(self, key: _Key, lease: bytes) -> None:
+        self.key = key
         self.lease = lease
 
 
@@ -132,44 +147,40 @@ class RedisLimiter:
         self.retry_after = retry_after
         self.clock = clock
         self._errors = 0
-        self._keys: dict[str, tuple[str, str]] = {}
+        self._keys: dict[str, _Key] = {}
         self.configure(keys)
-        self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
-            max_connections=256, health_check_interval=0)
-        self._admit = self._redis.register_script(ADMIT)
-        self._finish = self._redis.register_script(FINISH)
-        self._renew = self._redis.register_script(RENEW)
+        self._conn = RedisConn(url, timeout)
         self._down_until = 0.0
         self._logged_at = -1e9
-        self._leases: dict[str, tuple[str, str]] = {}  # live leases of this process → their keys
+        self._leases: dict[bytes, _Key] = {}  # live leases of this process → their key
         self._tasks: set[asyncio.Task[Any]] = set()
         self._renewer: asyncio.Task[None] | None = None
 
     # -- the Limiter interface -------------------------------------------------------------------
     def configure(self, keys: dict[str, KeyLimits]) -> None:
-        self._keys = {name: (f"tp:{{{name}}}", f"tp:{{{name}}}:if") for name, lim in keys.items() if lim.any}
+        self._keys = {name: _Key(name, lim, self.lease_ttl) for name, lim in keys.items() if lim.any}
 
     @property
     def errors(self) -> int:
         return self._errors
 
     async def admit(self, key: str, limits: KeyLimits) -> Decision:
-        keys = self._keys.get(key)
-        if keys is None:
+        k = self._keys.get(key)
+        if k is None:
             return Decision(limits)
-        cap = limits.max_in_flight or 0
-        lease = os.urandom(8).hex() if cap else ""
-        res = await self._call(self._admit, keys, (limits.requests_per_minute or 0, limits.tokens_per_minute or 0,
-                                                   cap, lease, self.lease_ttl))
+        if k.limits != limits:  # a request still on a snapshot from before a reload
+            k = _Key(key, limits, self.lease_ttl)
+        cap = limits.max_in_flight
+        lease = os.urandom(8).hex().encode() if cap else b""
+        res = await self._call(k.head + bulk(lease) + k.tail, ADMIT)
         if res is None:
             return self._fallback(limits)
-        denied, wait_ms, rem, reset_ms, tok, tok_reset_ms = (int(x) for x in res)
+        denied, wait_ms, rem, reset_ms, tok, tok_reset_ms = res
         d = Decision(limits, _DENIED[denied], wait_ms / 1000, rem, reset_ms / 1000, tok, tok_reset_ms / 1000)
         if d.allowed and (cap or limits.tokens_per_minute):
-            d.ticket = _Ticket(keys, lease)
+            d.ticket = _Ticket(k, lease)
             if cap:
-                self._leases[lease] = keys
+                self._leases[lease] = k
                 self._ensure_renewer()
         return d
 
@@ -183,7 +194,8 @@ class RedisLimiter:
         tpm = decision.limits.tokens_per_minute or 0
         if not t.lease and not (tpm and tokens > 0):
             return
-        self._spawn(self._call(self._finish, t.keys, (tpm, max(0, tokens), t.lease)), "teraproxy-ratelimit-finish")
+        cmd = encode("EVALSHA", _SHA[FINISH], 2, t.key.state, t.key.lease_set, tpm, max(0, tokens), t.lease)
+        self._spawn(self._call(cmd, FINISH), "teraproxy-ratelimit-finish")
 
     async def close(self) -> None:
         if self._renewer is not None:
@@ -193,7 +205,7 @@ class RedisLimiter:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, *(t for t in [self._renewer] if t), return_exceptions=True)
-        await self._redis.aclose()
+        await self._conn.close()
 
     # -- internals -------------------------------------------------------------------------------
     def _fallback(self, limits: KeyLimits) -> Decision:
@@ -201,7 +213,7 @@ class RedisLimiter:
             return Decision(KeyLimits())  # served as if unlimited: no headers that would be made up
         return Decision(limits, BACKEND, self.retry_after)
 
-    async def _call(self, script: Any, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+    async def _call(self, command: bytes, script: str) -> Any:
         """The script's result, or None when Redis failed (counted, logged at most once per 10 s)."""
         now = self.clock()
         if now < self._down_until:
@@ -209,8 +221,15 @@ class RedisLimiter:
             return None
         try:
             async with asyncio.timeout(self.timeout):
-                return await script(keys=keys, args=args)
-        except (RedisError, OSError, TimeoutError) as e:
+                try:
+                    return await self._conn.call(command)
+                except RedisError as e:
+                    if not str(e).startswith("NOSCRIPT"):
+                        raise
+                    await self._conn.call(encode("SCRIPT", "LOAD", script))  # a new or restarted Redis
+                    return await self._conn.call(command)
+        except (RedisError, TimeoutError) as e:
+            self._conn.reset()
             self._errors += 1
             self._down_until = now + self.retry_after
             if now - self._logged_at >= 10.0:
@@ -233,8 +252,8 @@ class RedisLimiter:
         """Keep this process's in-flight leases alive while their requests run."""
         while True:
             await asyncio.sleep(self.lease_ttl / 3)
-            by_set: dict[tuple[str, str], list[str]] = {}
-            for lease, keys in self._leases.items():
-                by_set.setdefault(keys, []).append(lease)
-            for keys, leases in by_set.items():
-                await self._call(self._renew, keys[1:], (self.lease_ttl, *leases))
+            by_set: dict[str, list[bytes]] = {}
+            for lease, k in self._leases.items():
+                by_set.setdefault(k.lease_set, []).append(lease)
+            for lease_set, leases in by_set.items():
+                await self._call(encode("EVALSHA", _SHA[RENEW], 1, lease_set, self.lease_ttl, *leases), RENEW)

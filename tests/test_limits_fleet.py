@@ -80,10 +80,9 @@ async def test_two_processes_share_one_limit(tmp_path: Path, cluster: Cluster, r
     elapsed = time.monotonic() - t0
     ok = [x for x in results if x[0] == 200]
     assert {x[0] for x in results} == {200, 429}
-    assert 20 <= len(ok) <= 20 + int(elapsed / 3)  # one limit for both, plus its refill (one per 3 s)
+    # one limit for both (each alone would admit 20 of its 30: 40), plus its refill (one per 3 s)
+    assert 20 <= len(ok) <= 20 + int(elapsed / 3)
     assert r.stats.generation_requests == len(ok)
-    served_by = {id(inst) for inst, res in zip((a, b) * 30, results, strict=True) if res[0] == 200}
-    assert len(served_by) == 2  # both instances admitted some: the budget really is shared
 
 
 async def test_redis_killed_mid_run(tmp_path: Path, cluster: Cluster, redis_server: RedisServer,

@@ -20,12 +20,15 @@ redisconn.py: one pipelined connection (see there for why not redis-py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
+
+import hiredis
 
 from teraproxy.ratelimit import BACKEND, IN_FLIGHT, REQUESTS, TOKENS, Decision, KeyLimits
 from teraproxy.redisconn import RedisConn, RedisError, bulk, encode
@@ -154,6 +157,7 @@ class RedisLimiter:
         self._logged_at = -1e9
         self._leases: dict[bytes, _Key] = {}  # live leases of this process → their key
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._sent: set[asyncio.Future[Any]] = set()  # charges sent without waiting, until their reply
         self._renewer: asyncio.Task[None] | None = None
 
     # -- the Limiter interface -------------------------------------------------------------------
@@ -172,7 +176,7 @@ class RedisLimiter:
             k = _Key(key, limits, self.lease_ttl)
         cap = limits.max_in_flight
         lease = os.urandom(8).hex().encode() if cap else b""
-        res = await self._call(k.head + bulk(lease) + k.tail, ADMIT)
+        res = await self._call(k.head + bulk(lease) + k.tail)
         if res is None:
             return self._fallback(limits)
         denied, wait_ms, rem, reset_ms, tok, tok_reset_ms = res
@@ -195,13 +199,37 @@ class RedisLimiter:
         if not t.lease and not (tpm and tokens > 0):
             return
         cmd = encode("EVALSHA", _SHA[FINISH], 2, t.key.state, t.key.lease_set, tpm, max(0, tokens), t.lease)
-        self._spawn(self._call(cmd, FINISH), "teraproxy-ratelimit-finish")
+        if self.clock() < self._down_until:
+            self._errors += 1  # lost: the lease expires by itself, the charge is not made
+            return
+        fut = self._conn.send_nowait(cmd)
+        if fut is None:  # not connected: the ordinary path (connect, deadline) in the background
+            self._spawn(self._call(cmd), "teraproxy-ratelimit-finish")
+        else:  # sent after the answer, awaited by nobody: no task per request
+            self._sent.add(fut)
+            fut.add_done_callback(functools.partial(self._finished, cmd))
+
+    async def drain(self, timeout: float) -> None:  # noqa: ASYNC109  (close() and tests bound their wait)
+        """Wait (up to ``timeout``) for the charges and releases already sent."""
+        deadline = self.clock() + timeout
+        while (self._tasks or self._sent) and self.clock() < deadline:  # a reply may start a retry task
+            await asyncio.wait([*self._tasks, *self._sent], timeout=deadline - self.clock())
+
+    def _finished(self, cmd: bytes, fut: asyncio.Future[Any]) -> None:
+        self._sent.discard(fut)
+        if fut.cancelled():
+            return
+        err = fut.exception()
+        reply = None if err is not None else fut.result()
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            self._spawn(self._call(cmd), "teraproxy-ratelimit-finish")  # loads the script first
+        elif err is not None or isinstance(reply, hiredis.ReplyError):
+            self._failed(err or RedisError(str(reply)), self.clock())
 
     async def close(self) -> None:
         if self._renewer is not None:
             self._renewer.cancel()
-        if self._tasks:  # charges already under way get their (short) deadline to land
-            await asyncio.wait(list(self._tasks), timeout=self.timeout * 2 + 0.1)
+        await self.drain(self.timeout * 2 + 0.1)  # charges already under way get a short deadline to land
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, *(t for t in [self._renewer] if t), return_exceptions=True)
@@ -213,7 +241,7 @@ class RedisLimiter:
             return Decision(KeyLimits())  # served as if unlimited: no headers that would be made up
         return Decision(limits, BACKEND, self.retry_after)
 
-    async def _call(self, command: bytes, script: str) -> Any:
+    async def _call(self, command: bytes) -> Any:
         """The script's result, or None when Redis failed (counted, logged at most once per 10 s)."""
         now = self.clock()
         if now < self._down_until:
@@ -226,17 +254,22 @@ class RedisLimiter:
                 except RedisError as e:
                     if not str(e).startswith("NOSCRIPT"):
                         raise
-                    await self._conn.call(encode("SCRIPT", "LOAD", script))  # a new or restarted Redis
+                    # a new or restarted Redis: load every script, so a charge never meets NOSCRIPT later
+                    await asyncio.gather(*(self._conn.call(encode("SCRIPT", "LOAD", x)) for x in _SHA))
                     return await self._conn.call(command)
         except (RedisError, TimeoutError) as e:
-            self._conn.reset()
-            self._errors += 1
-            self._down_until = now + self.retry_after
-            if now - self._logged_at >= 10.0:
-                self._logged_at = now
-                log.warning("rate-limit backend (redis) failed: %s; %s requests until it answers again",
-                            str(e) or type(e).__name__, "allowing" if self.allow_on_error else "refusing")
+            self._failed(e, now)
             return None
+
+    def _failed(self, e: BaseException, now: float) -> None:
+        """Count, log at most once per 10 s, drop the connection and leave Redis alone for a while."""
+        self._conn.reset()
+        self._errors += 1
+        self._down_until = now + self.retry_after
+        if now - self._logged_at >= 10.0:
+            self._logged_at = now
+            log.warning("rate-limit backend (redis) failed: %s; %s requests until it answers again",
+                        str(e) or type(e).__name__, "allowing" if self.allow_on_error else "refusing")
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -256,4 +289,4 @@ class RedisLimiter:
             for lease, k in self._leases.items():
                 by_set.setdefault(k.lease_set, []).append(lease)
             for lease_set, leases in by_set.items():
-                await self._call(encode("EVALSHA", _SHA[RENEW], 1, lease_set, self.lease_ttl, *leases), RENEW)
+                await self._call(encode("EVALSHA", _SHA[RENEW], 1, lease_set, self.lease_ttl, *leases))

@@ -121,6 +121,16 @@ class RedisConn:
             raise RedisError(str(reply))
         return reply
 
+    def send_nowait(self, command: bytes) -> asyncio.Future[Any] | None:
+        """Send without waiting (fire and forget, e.g. a charge): the reply's future, raw (an error reply
+        is a ``hiredis.ReplyError`` result); None when not connected (then use ``call``)."""
+        proto = self._proto
+        if proto is None or proto.closed:
+            return None
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        proto.send(command, fut)
+        return fut
+
     def reset(self) -> None:
         """Drop the connection (after a timeout: its pending replies can no longer be trusted)."""
         if self._proto is not None:
@@ -137,11 +147,14 @@ class RedisConn:
     async def _connected(self) -> _Protocol:
         """One connection attempt shared by every caller that needs it."""
         if self._connecting is None or self._connecting.done():
-            self._connecting = asyncio.get_running_loop().create_task(self._connect(), name="teraproxy-redis-connect")
+            task = asyncio.get_running_loop().create_task(self._connect(), name="teraproxy-redis-connect")
+            task.add_done_callback(_retrieve)  # a caller that timed out no longer awaits it
+            self._connecting = task
         return await asyncio.shield(self._connecting)
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
+        proto: _Protocol | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if self.unix is not None:
@@ -165,5 +178,14 @@ class RedisConn:
                         raise RedisError(str(reply))
         except OSError as e:
             raise RedisError(f"cannot connect: {e.strerror or e}") from None
+        except BaseException:  # timed out or cancelled half way: no half-set-up connection stays open
+            if proto is not None:
+                proto.fail(RedisError("connect aborted"))
+            raise
         self._proto = proto
         return proto
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -218,17 +218,21 @@ class _Server(web.Server):
 
 
 class Runner(web.AppRunner):
-    """web.AppRunner serving the app through ``Protocol``."""
+    """web.AppRunner serving the app through ``Protocol`` and ``handler``: the app's start-up and
+    clean-up run as usual, but requests go to ``handler`` directly, not through the app's router and
+    middlewares (app.Api routes the few API paths itself)."""
 
-    __slots__ = ("_edge",)
+    __slots__ = ("_edge", "_handler")
 
-    def __init__(self, app: web.Application, edge: Edge, **kwargs: Any) -> None:
+    def __init__(self, app: web.Application, edge: Edge,
+                 handler: Callable[[web.Request], Awaitable[web.StreamResponse]], **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._edge = edge
+        self._handler = handler
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()  # runs the app's start-up, as AppRunner does
-        return _Server(self._edge, plain.request_handler, request_factory=plain.request_factory,
+        return _Server(self._edge, self._handler, request_factory=plain.request_factory,
                        handler_cancellation=plain.handler_cancellation, loop=plain._loop, **plain._kwargs)
 
 

@@ -168,7 +168,7 @@ class Proxy:
 
     async def get_model(self, request: web.Request) -> web.Response:
         key = self._auth(request)
-        mid = request.match_info["model"]
+        mid = request.path[len("/v1/models/"):]  # app.Api routes only non-empty ids here
         if mid not in request[CTX].snap.table or not request[CTX].snap.keys.may_use(key, mid):
             raise ModelNotFound.absent(mid)
         return self._json(request, self._model_obj(mid))

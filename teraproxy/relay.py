@@ -160,7 +160,7 @@ async def stream(request: web.Request, att: Attempt, ex: client.Exchange, emit: 
     resp = web.StreamResponse(status=200, headers={
         "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no", "Server": "teraproxy", "X-Request-ID": ctx.rid})
-    await _prepare(request, resp)  # the commit point
+    await _prepare(request, resp, ctx)  # the commit point
     att.commit()
 
     def too_large() -> None:  # the framer let the oversize event go: end the exchange
@@ -231,7 +231,7 @@ async def binary(request: web.Request, att: Attempt, ex: client.Exchange,
                 headers: dict[str, str]) -> web.StreamResponse:
     """Audio and other non-SSE bodies: committed at the replica's headers, streamed through."""
     resp = web.StreamResponse(status=ex.status, headers=headers)
-    await _prepare(request, resp)
+    await _prepare(request, resp, att.ctx)
     att.commit()
     sink = await _pump(request, resp, att, ex, _same, None, ex.take_body())
     if sink.transport.is_closing():
@@ -300,8 +300,10 @@ async def _pump(request: web.Request, resp: web.StreamResponse, att: Attempt, ex
     return sink
 
 
-async def _prepare(request: web.Request, resp: web.StreamResponse) -> None:
-    """Send the status line and headers."""
+async def _prepare(request: web.Request, resp: web.StreamResponse, ctx: Ctx) -> None:
+    """Send the status line and headers (with OpenAI's x-ratelimit-* for a key that has limits)."""
+    if ctx.decision is not None:
+        resp.headers.update(ctx.decision.headers())
     if request.version < HttpVersion11:
         # an HTTP/1.0 body without a length ends only when the connection closes; a 1.0 client that
         # asked for keep-alive would otherwise wait for the keep-alive timeout (aiohttp keeps it open)

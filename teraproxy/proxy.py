@@ -27,7 +27,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from teraproxy import client, edge, relay, sse, usage
+from teraproxy import client, edge, relay, reply, sse, usage
 from teraproxy.balance import RetryBudget, pick
 from teraproxy.breaker import DENIED
 from teraproxy.config import KeyConfig
@@ -133,6 +133,7 @@ class Proxy:
         retry = live.current.config.retry
         self.budget = RetryBudget(retry.budget, retry.window, clock)
         self.created = int(time.time())
+        self.heads = reply.Heads()  # encoded status lines of complete answers
         self.exchanges: set[client.Exchange] = set()  # upstream answers being read (cut at the end of a drain)
         self.cutting = False
 
@@ -406,13 +407,23 @@ class Proxy:
                 if chat and pool.emit != "passthrough":
                     data = sse.rewrite_message_body(data, pool.emit)
                 ctx.ttfb = time.monotonic() - ctx.t0
-                return web.Response(status=status, body=data, headers=self._response_headers(ex, ctx.rid))
+                return self._complete(request, ctx, ex, status, data)
             if mode == "sse" and (ex.header(b"content-type") or b"").startswith(b"text/event-stream"):
                 return await relay.stream(request, att, ex, pool.emit if chat else "passthrough")
             return await relay.binary(request, att, ex, self._response_headers(ex, ctx.rid))
         finally:
             self.exchanges.discard(ex)
             self.client.release(ex)  # pooled again after a complete answer, closed otherwise
+
+    def _complete(self, request: web.Request, ctx: Ctx, ex: client.Exchange, status: int,
+                  data: bytes) -> web.StreamResponse:
+        """A complete answer in one write (reply.py), with the replica's Content-Type/-Disposition."""
+        if request.transport is None or request.transport.is_closing():
+            ctx.client_gone = True
+        disposition = ex.header(b"content-disposition")
+        extra = b"" if disposition is None else b"Content-Disposition: " + disposition + b"\r\n"
+        return reply.send(self.heads, request, status, ctx.rid, data, ex.header(b"content-type"), extra,
+                          ctx.decision)
 
     async def _read(self, ex: client.Exchange, replica: Replica, limit: int, truncate: bool = False) -> bytes:
         try:

@@ -118,3 +118,9 @@ def _norm(stream: bytes) -> list[object]:
         else:
             out.append(frame)
     return out
+
+
+def test_from_body_incomplete_or_spaced_usage() -> None:
+    assert usage.from_body(b'{"usage":{"prompt_tokens":3,"details":{"x":1') is None  # cut before its end
+    u = usage.from_body(b'{"a": "}{", "usage" :\n {"prompt_tokens": 2, "d": {}, "completion_tokens": 5}}')
+    assert u is not None and (u.prompt, u.completion) == (2, 5)

@@ -91,6 +91,7 @@ class Cluster:
             "admin_listen": f"127.0.0.1:{free_port()}",
             "auth": "off",
             "health": {"enabled": False},
+            "load": {"enabled": False},  # no /metrics scrapes hitting hand-written replicas; load tests set it
             "models": [{"id": MODEL, "replicas": [{"url": r.url} for r in replicas or []]}],
         }
         raw.update(over)
@@ -111,6 +112,10 @@ class Cluster:
             await runner.cleanup()
         for r in self.replicas:
             await r.stop()
+        # transports closed above finish on the loop's next iterations (connection_lost is scheduled
+        # with call_soon); let them, or the loop ends with "closing" transports and GC warns about them
+        for _ in range(5):
+            await asyncio.sleep(0)
 
 
 class Proxy:

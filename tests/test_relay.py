@@ -290,11 +290,13 @@ async def test_memory_stays_bounded_while_a_replica_streams_endless_events(
     target, sent = 300 << 20, 0
     blob = b"10000\r\n" + b"a" * 0x10000 + b"\r\n"  # one 64 KiB chunk of an event that never ends
 
-    handlers: list[asyncio.Task[None] | None] = []
+    handlers: list[asyncio.Task[Any]] = []
 
     async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal sent
-        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.append(task)
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             length = next(int(ln.split(b":")[1]) for ln in head.lower().split(b"\r\n")
@@ -341,10 +343,9 @@ async def test_memory_stays_bounded_while_a_replica_streams_endless_events(
         alive = proc.poll() is None
         proc.kill()  # our handlers end (and close their sockets) before the server and the loop do
         await asyncio.to_thread(proc.wait)
-        for task in handlers:
-            assert task is not None
-            task.cancel()
-        await asyncio.gather(*(t for t in handlers if t is not None), return_exceptions=True)
+        for handler in handlers:
+            handler.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
         await asyncio.sleep(0)
     assert alive and sent > target
     # measured: ~47 MiB here; a proxy holding the event peaked at 333 MiB once the replica sent 305 MiB

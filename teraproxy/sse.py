@@ -44,6 +44,12 @@ Invariants:
   per-frame work: passthrough needs only ``endswith(b"\n\n")``; the rewrite
   modes take LF-only chunks and look for ``b'"reasoning'`` (no JSON parse
   without it).
+* A replica's own in-stream error event (vLLM, engine died:
+  ``data: {"error": {..., "code": 500}}``) gets a string ``code`` in every
+  mode, like every error the proxy answers: a line that is exactly
+  ``data: {"error"...`` is re-serialised with ``str(code)``. Found without a
+  parse: one byte test on a lone frame (``data: {"e``), one needle scan of
+  ``b'{"error"'`` per chunk of several frames (and per passthrough chunk).
 * Never raises on upstream bytes: a frame with the needle whose data cannot be
   parsed (or re-serialised) passes unchanged and counts in ``bad_frames``.
   Keys spelt with JSON escapes (``"\\u0072easoning"``) are not recognised.
@@ -66,9 +72,12 @@ _PASSTHROUGH: Final = 3
 MAX_EVENT: Final = 1024 * 1024  # default bound on one SSE frame (config: limits.max_event)
 
 _NEEDLE: Final = b'"reasoning'
+_ERROR: Final = b'{"error"'  # an error event's JSON starts with it
+_ERROR_LINE: Final = b'data: {"error"'
 _LF: Final = 10
 _CR: Final = 13
 _LINE_RE: Final = re.compile(rb"([^\r\n]*)(\r\n|\n|\r)")
+_EOL_RE: Final = re.compile(rb"[\r\n]")
 # Note: on CPython 3.11, bytes.rfind() of the needle runs ~2x faster on JSON
 # text than find() or `in`, so membership tests use rfind.
 
@@ -301,21 +310,23 @@ class SSERelay:
                     self._tail = data
                 else:
                     self._note(data)
-                return data
+                return data if data.rfind(b'{"error"') < 0 else _fix_errors(data)
             return self._feed_slow(data)
         n = len(data) - 2
         if n >= self.max_event:
             return self._feed_slow(data)
-        if data.find(10) == n and n > 0 and data[-1] == 10 and 13 not in data:
-            # The typical token: exactly one single-line LF frame.
+        if data.find(10) == n and n > 6 and data[-1] == 10 and 13 not in data:
+            # The typical token: exactly one single-line LF frame (of 9 bytes or more).
             if not data.startswith(b"data:"):
                 self._note(data)
                 return data
             self._tail = data
             if data.rfind(b'"reasoning') < 0:
-                return data
+                return data if data[8] != 101 else _fix_errors(data)  # 101: the e of data: {"error"
             new = self._new_json(data[6:n] if data[5] == 32 else data[5:n])
-            return data if new is None else b"data: " + new + b"\n\n"
+            if new is None:
+                return data if data[8] != 101 else _fix_errors(data)
+            return b"data: " + new + b"\n\n"
         if n > 0 and data[-1] == 10 and data[-2] == 10 and data[0] != 10 and 13 not in data:
             # LF only, whole frames.
             if data.startswith(b"data:"):
@@ -323,8 +334,8 @@ class SSERelay:
             else:
                 self._note(data)
             if data.rfind(b'"reasoning') < 0:
-                return data
-            return self._rewrite_region(data, True)
+                return data if data.rfind(b'{"error"') < 0 else _fix_errors(data)
+            return _errors_fixed(self._rewrite_region(data, True))
         return self._feed_slow(data)
 
     def flush(self) -> bytes:
@@ -407,6 +418,7 @@ class SSERelay:
             self.started = True
         if self._mode != _PASSTHROUGH and region.rfind(_NEEDLE) >= 0:
             region = self._rewrite_region(region, False)
+        region = _errors_fixed(region)
         self._note(region)
         return region
 
@@ -492,6 +504,44 @@ class SSERelay:
         if new is not None:
             self.rewritten += 1
         return new
+
+
+def _errors_fixed(region: bytes) -> bytes:
+    return region if region.rfind(_ERROR) < 0 else _fix_errors(region)
+
+
+def _fix_errors(region: bytes) -> bytes:
+    """region (complete frames) with each line that is exactly ``data: {"error"...`` and whose
+    ``error.code`` is not a string re-serialised with a string code; every other byte kept."""
+    pieces: list[bytes] = []
+    done = 0
+    pos = region.find(_ERROR)
+    while pos >= 0:
+        start = max(region.rfind(b"\n", 0, pos), region.rfind(b"\r", 0, pos)) + 1
+        end = m.start() if (m := _EOL_RE.search(region, pos)) else len(region)
+        fixed = _string_code(region[start + 6 : end]) if region.startswith(_ERROR_LINE, start) else None
+        if fixed is not None:
+            pieces += (region[done:start], b"data: ", fixed)
+            done = end
+        pos = region.find(_ERROR, end)
+    if not pieces:
+        return region
+    pieces.append(region[done:])
+    return b"".join(pieces)
+
+
+def _string_code(value: bytes) -> bytes | None:
+    """The error event with a string code, or None when it needs no change (or is not one)."""
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    err = doc.get("error") if type(doc) is dict else None
+    if type(err) is not dict or type(err.get("code")) is str:
+        return None
+    code = err.get("code")
+    err["code"] = str(code) if type(code) is int else "upstream_error"
+    return orjson.dumps(doc)
 
 
 # --------------------------------------------------------------------------

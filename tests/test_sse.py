@@ -77,7 +77,7 @@ def expected_stream(stream: bytes, emit: str) -> bytes:
         frames.append(tail + (tail[len(tail.rstrip(b"\r\n")) :] or b"\n\n"))
     if not any(map(has_data, frames)):
         return b""
-    return b"".join(f if emit == "passthrough" else expected_frame(f, emit) for f in frames)
+    return b"".join(expected_frame(f, emit) for f in frames)
 
 
 def last_data_is_done(out: bytes) -> bool:
@@ -127,6 +127,30 @@ def expected_obj(obj: Any, emit: str, field: str = "delta") -> Any:
 
 def expected_frame(frame: bytes, emit: str) -> bytes:
     """What the relay must emit for one complete input frame."""
+    frame = expected_reasoning_frame(frame, emit)
+    return expected_error_frame(frame)
+
+
+def expected_error_frame(frame: bytes) -> bytes:
+    """A line that is exactly `data: {"error": {...}}` with a non-string code gets a string one."""
+    out = b""
+    for line in frame.splitlines(keepends=True):
+        content = line.rstrip(b"\r\n")
+        if content.startswith(b'data: {"error"'):
+            try:
+                doc = orjson.loads(content[6:])
+            except orjson.JSONDecodeError:
+                doc = None
+            if isinstance(doc, dict) and isinstance(doc.get("error"), dict) and \
+                    not isinstance(doc["error"].get("code"), str):
+                code = doc["error"].get("code")
+                doc["error"]["code"] = str(code) if type(code) is int else "upstream_error"
+                line = b"data: " + orjson.dumps(doc) + line[len(content):]
+        out += line
+    return out
+
+
+def expected_reasoning_frame(frame: bytes, emit: str) -> bytes:
     obj = frame_json(frame)
     if obj is None or b'"reasoning' not in (frame_payload(frame) or b""):
         return frame
@@ -314,10 +338,7 @@ def test_recorded_stream_frames_exact(name: str, emit: str) -> None:
     stream = STREAMS[name]
     out, _ = run(emit, [stream])
     in_frames, _ = split_frames(stream)
-    if emit == "passthrough":
-        assert out == stream
-    else:
-        assert out == b"".join(expected_frame(f, emit) for f in in_frames)
+    assert out == b"".join(expected_frame(f, emit) for f in in_frames)  # passthrough: only an error's code
 
 
 def test_crlf_and_cr_rewrites_keep_line_endings() -> None:
@@ -340,17 +361,38 @@ def test_multiline_and_other_lines_collapse_to_one_data_line() -> None:
 
 def test_error_usage_done_and_needle_in_strings_pass_unchanged() -> None:
     for name in ("error", "tools"):
-        for emit in REWRITE_EMITS:
+        for emit in EMITS:
             out, _ = run(emit, [STREAMS[name]])
             in_frames, _ = split_frames(STREAMS[name])
             out_frames, _ = split_frames(out)
             for a, b in zip(in_frames, out_frames, strict=True):
                 obj = frame_json(a)
-                if not (obj and obj.get("choices") and {R, RC} & obj["choices"][0]["delta"].keys()):
+                if obj and "error" in obj:  # vLLM's in-stream error: only its code changes, to a string
+                    assert orjson.loads(b[6:]) == {"error": {**obj["error"], "code": str(obj["error"]["code"])}}
+                elif not (obj and obj.get("choices") and {R, RC} & obj["choices"][0]["delta"].keys()):
                     assert a == b
     usage = sse(USAGE)
     relay = SSERelay("both")
     assert relay.feed(usage) is usage and relay.rewritten == 0 and relay.bad_frames == 0
+
+
+def test_in_stream_error_code_becomes_a_string() -> None:
+    """vLLM's own error event (engine died), as it sends it, alone, bunched, or split anywhere."""
+    err = (b'data: {"error": {"message": "EngineCore encountered an issue.", "type": "InternalServerError", '
+           b'"param": null, "code": 500}}\n\n')
+    fixed = (b'data: {"error":{"message":"EngineCore encountered an issue.","type":"InternalServerError",'
+             b'"param":null,"code":"500"}}\n\n')
+    tok, done = sse(chunk({"content": "x"})), b"data: [DONE]\n\n"
+    for emit in REWRITE_EMITS:
+        relay = SSERelay(emit)
+        assert relay.feed(tok) is tok and relay.feed(err) == fixed and relay.feed(done) is done
+        assert run(emit, [tok + err + done])[0] == tok + fixed + done
+        assert run(emit, [tok + err[:40], err[40:] + done])[0] == tok + fixed + done
+        assert run(emit, [err + done])[0] == fixed + done  # before the first event too
+        already = b'data: {"error": {"message": "m", "code": "500"}}\n\n'
+        assert SSERelay(emit).feed(already) is already
+    for pieces in ([tok + err + done], [tok, err, done], [err + done], [tok + err[:30], err[30:] + done]):
+        assert run("passthrough", pieces)[0] == b"".join(pieces).replace(err, fixed)  # passthrough frames too
 
 
 def test_key_order_alias_inserted_after_existing_key() -> None:
@@ -817,7 +859,7 @@ def test_property_chunking_and_byte_identity(
     if emit == "passthrough":
         assert relay.rewritten == relay.bad_frames == 0
         return
-    assert relay.rewritten == sum(expected_frame(f, emit) != f for f in frames)
+    assert relay.rewritten == sum(expected_reasoning_frame(f, emit) != f for f in frames)
     assert relay.bad_frames == sum(b'"reasoning' in f and frame_json(f) is None for f in frames)
 
 

@@ -2,7 +2,8 @@
 
 Job: replicas stream chat completions as SSE, one ``data: {json}`` frame per
 token, naming the reasoning text ``reasoning_content`` (vLLM <= 0.11, SGLang),
-``reasoning`` (vLLM >= 0.16) or both (transition releases).  :class:`SSERelay`
+``reasoning`` (vLLM >= 0.16) or both (transition releases); a lone null value
+is no reasoning and is left as it is.  :class:`SSERelay`
 sits between upstream and client (feed it upstream bytes, write what it
 returns) and rewrites ``choices[].delta`` per ``emit``: ``both`` mirrors the
 present key to the other (alias right after it), ``reasoning`` /
@@ -94,7 +95,8 @@ def _mode_of(emit: str) -> int:
 
 
 def _alias(d: dict[str, Any], mode: int) -> bool:
-    """Apply the rewrite rule to a delta/message dict in place; True if changed."""
+    """Apply the rewrite rule to a delta/message dict in place; True if changed. A lone null
+    value is no reasoning at all (vLLM sends ``"reasoning": null`` even without a parser): left as is."""
     if "reasoning" in d:
         if "reasoning_content" in d:  # both keys
             if mode == _BOTH:
@@ -109,6 +111,8 @@ def _alias(d: dict[str, Any], mode: int) -> bool:
             return False
         have, other = "reasoning_content", "reasoning"
     else:
+        return False
+    if d[have] is None:
         return False
     if len(d) == 1 or next(reversed(d)) == have:  # the key is last: no reordering
         d[other] = d[have] if mode == _BOTH else d.pop(have)
@@ -555,13 +559,21 @@ def rewrite_message_body(body: bytes, emit: str) -> bytes:
     reasoning key, not valid JSON, ...).
     """
     mode = _mode_of(emit)
-    if mode == _PASSTHROUGH or body.rfind(_NEEDLE) < 0:
+    if mode == _PASSTHROUGH or body.rfind(_NEEDLE) < 0 or _only_null_reasoning(body):
         return body
     try:
         new = _rewrite_json(body, "message", mode)
     except ValueError:
         return body
     return body if new is None else new
+
+
+def _only_null_reasoning(body: bytes) -> bool:
+    """Every reasoning key in body has a null value (vLLM's answer without reasoning): nothing to
+    rewrite, known without a parse. Each null pattern holds the needle once, so equal counts mean
+    no needle is followed by anything else; a needle inside a string only makes this False."""
+    return body.count(_NEEDLE) == (body.count(b'"reasoning":null') + body.count(b'"reasoning_content":null')
+                                   + body.count(b'"reasoning": null') + body.count(b'"reasoning_content": null'))
 
 
 def add_request_reasoning(payload: dict[str, Any]) -> bool:

@@ -96,6 +96,8 @@ def expected_fields(d: dict[str, Any], emit: str) -> dict[str, Any]:
     has_r, has_rc = R in d, RC in d
     if emit == "passthrough" or not (has_r or has_rc):
         return d
+    if has_r != has_rc and d[R if has_r else RC] is None:
+        return d  # a lone null is no reasoning: left as it is
     if emit == "both":
         if has_r and has_rc:
             return d
@@ -408,7 +410,7 @@ def test_key_order_alias_inserted_after_existing_key() -> None:
         assert list(delta) == keys
         assert delta[keys[1]] == "x"
     out, _ = run("both", [sse(chunk({R: None, "content": "hi"}))])
-    assert list(frame_json(out)["choices"][0]["delta"].items()) == [(R, None), (RC, None), ("content", "hi")]
+    assert list(frame_json(out)["choices"][0]["delta"].items()) == [(R, None), ("content", "hi")]  # null: no alias
 
 
 def test_both_keys_present_are_kept_even_if_different() -> None:
@@ -716,6 +718,32 @@ def test_rewrite_message_body_identity_cases() -> None:
         assert rewrite_message_body(body, "both") is body
     assert rewrite_message_body(plain, "reasoning") is plain
     assert rewrite_message_body(both, "reasoning") != both
+
+
+def test_null_reasoning_is_not_aliased_nor_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM sends "reasoning": null in every non-streamed answer, even without a reasoning parser."""
+    import teraproxy.sse as mod
+
+    body = (b'{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant",'
+            b'"content":"hi","refusal":null,"reasoning":null},"finish_reason":"stop"}]}')
+    spaced = orjson.loads(body)
+    spaced["choices"][0]["message"][RC] = None
+    spaced_body = json.dumps(spaced).encode()
+
+    def no_parse(*a: Any) -> Any:
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr(mod, "_rewrite_json", no_parse)
+    for emit in EMITS:
+        assert rewrite_message_body(body, emit) is body
+        assert rewrite_message_body(spaced_body, emit) is spaced_body
+    monkeypatch.undo()
+    text = completion({"role": "assistant", "content": 'a "reasoning":null b', R: "why"})
+    assert orjson.loads(rewrite_message_body(text, "both"))["choices"][0]["message"][RC] == "why"
+    null_in_text = completion({"role": "assistant", "content": 'say "reasoning', R: None})
+    assert rewrite_message_body(null_in_text, "both") is null_in_text  # parsed, nothing to change
+    delta = sse(chunk({R: None, "content": "x"}))
+    assert SSERelay("both").feed(delta) is delta
 
 
 def test_add_request_reasoning() -> None:

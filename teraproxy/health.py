@@ -181,6 +181,8 @@ class HealthChecker:
                 if len(missing) == len(r.models):
                     return False, f"serves {listed}, not {' or '.join(r.models)}"
                 self._set_missing(r, missing)
+                # kept for /v1/models: max_model_len, root, ... as the replica reports them
+                r.cards = {m["id"]: m for m in data or () if isinstance(m, dict) and m.get("id") in r.models}
             if warm:
                 r.reason = "warming up"
                 model = next(m for m in r.models if m not in r.missing)

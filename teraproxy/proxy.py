@@ -164,7 +164,7 @@ class Proxy:
     async def list_models(self, request: web.Request) -> web.Response:
         key = self._auth(request)
         table = request[CTX].snap.table
-        data = [self._model_obj(m) for m in table if key is None or key.may_use(m)]
+        data = [self._model_obj(pool) for m, pool in table.items() if key is None or key.may_use(m)]
         return self._json(request, {"object": "list", "data": data})
 
     async def get_model(self, request: web.Request) -> web.Response:
@@ -172,7 +172,7 @@ class Proxy:
         mid = request.path[len("/v1/models/"):]  # app.Api routes only non-empty ids here
         if mid not in request[CTX].snap.table or not request[CTX].snap.keys.may_use(key, mid):
             raise ModelNotFound.absent(mid)
-        return self._json(request, self._model_obj(mid))
+        return self._json(request, self._model_obj(request[CTX].snap.table[mid]))
 
     # -- steps -------------------------------------------------------------------------------
     def _auth(self, request: web.Request) -> KeyConfig | None:
@@ -183,8 +183,12 @@ class Proxy:
             ctx.priority = key.priority
         return key
 
-    def _model_obj(self, mid: str) -> dict[str, Any]:
-        return {"id": mid, "object": "model", "created": self.created, "owned_by": "teraproxy"}
+    def _model_obj(self, pool: ModelPool) -> dict[str, Any]:
+        """The card a replica reported (max_model_len, root, ... are what clients size prompts by);
+        before any replica answered /v1/models, the configured id."""
+        card = pool.card()
+        return card if card is not None else {"id": pool.id, "object": "model", "created": self.created,
+                                              "owned_by": "teraproxy"}
 
     def _json(self, request: web.Request, obj: Any) -> web.Response:
         return web.Response(body=orjson.dumps(obj), content_type="application/json",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from teraproxy.admission import Admission
@@ -41,6 +41,7 @@ class Replica:
     __slots__ = (
         "auth_header",
         "breaker",
+        "cards",
         "cfg",
         "checked",
         "clock",
@@ -94,6 +95,7 @@ class Replica:
         self.latency: float | None = None
         self.requests = 0
         self.failures = 0
+        self.cards: dict[str, dict[str, Any]] = {}  # model → its /v1/models entry, once it answered
         self.trial: asyncio.Event | None = None  # set when the half-open trial in flight is judged
         self.retired = False  # removed by a reload: takes no new attempts (runtime.py)
         u = urlsplit(cfg.url)
@@ -245,6 +247,14 @@ class ModelPool:
         """Some replica is available, but every available one is at its max_in_flight: queue."""
         avail = [r for r in self.replicas if r.available(self.id)]
         return bool(avail) and all(r.in_flight >= r.max_in_flight for r in avail)
+
+    def card(self) -> dict[str, Any] | None:
+        """The model card as a replica reported it (one that is up first), None before any answered."""
+        best = None
+        for r in self.replicas:
+            if self.id in r.cards and (best is None or (r.up and not best.up)):
+                best = r
+        return None if best is None else best.cards[self.id]
 
     def pending_trial(self, exclude: list[Replica]) -> Replica | None:
         """A replica (not in ``exclude``) whose half-open trial is in flight, if any."""

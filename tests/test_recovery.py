@@ -39,8 +39,12 @@ class Forwarder:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
-            for w in list(self.writers):
+            writers = list(self.writers)
+            for w in writers:
                 w.transport.abort()
+            for w in writers:  # until connection_lost ran: a transport left closing warns at a later GC
+                with contextlib.suppress(ConnectionError):
+                    await w.wait_closed()
             await self.server.wait_closed()
             self.server = None
 

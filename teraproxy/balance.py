@@ -12,6 +12,12 @@ count, or with a fresh load report (loadreport.py) the replica's own running + w
 change in this proxy's in-flight count since the report (what we sent since, minus what finished) —
 never less than our own in-flight count. ``kv`` is the reported KV-cache usage (0..1), so a replica
 whose cache is full counts double. A stale or missing report falls back to local counts.
+
+Speed: when both sampled replicas have fresh reports with a measured completion rate (from vLLM's
+``vllm:request_success_total`` between two scrapes), they are compared by expected time instead —
+``demand × (1 + kv) / rate`` (Little's law; an idle replica scores 0, a busy one completing nothing
+scores infinity) — so a replica twice as slow gets the share of traffic that keeps its queue as short
+in time as the fast one's, not as short in count. Slow start still scales the rate down.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from teraproxy.loadreport import LoadReport
 from teraproxy.upstreams import Replica
 
 SATURATED_KV = 0.95
@@ -34,12 +41,34 @@ def demand(r: Replica, now: float) -> int:
     return max(r.in_flight, rep.running + rep.waiting + r.in_flight - rep.in_flight)
 
 
-def _load(r: Replica, now: float) -> float:
+def _fresh(r: Replica, now: float) -> LoadReport | None:
     rep = r.report
-    if rep is None or now - rep.at > r.stale_after:
+    return rep if rep is not None and now - rep.at <= r.stale_after else None
+
+
+def _load(r: Replica, now: float) -> float:
+    rep = _fresh(r, now)
+    if rep is None:
         return (r.in_flight + 1) / r.effective_weight(now)
     n = max(r.in_flight, rep.running + rep.waiting + r.in_flight - rep.in_flight)
     return (n + 1) * (1.0 + (rep.kv or 0.0)) / r.effective_weight(now)
+
+
+def _timed(r: Replica, now: float) -> float:
+    """Expected time in the replica for one more request (Little's law): demand / completion rate."""
+    rep = r.report
+    assert rep is not None and rep.rate is not None
+    n = max(r.in_flight, rep.running + rep.waiting + r.in_flight - rep.in_flight)
+    if n == 0:
+        return 0.0
+    if rep.rate <= 0:
+        return math.inf  # busy and finishing nothing: stuck, or just started (its next report tells)
+    return n * (1.0 + (rep.kv or 0.0)) / (rep.rate * r.effective_weight(now) / r.weight)
+
+
+def _rated(r: Replica, now: float) -> bool:
+    rep = _fresh(r, now)
+    return rep is not None and rep.rate is not None
 
 
 def saturated(r: Replica, now: float) -> bool:
@@ -60,6 +89,10 @@ def pick(replicas: Sequence[Replica], exclude: Sequence[Replica], now: float,
         free = [r for r in cands if not saturated(r, now)]
         return max(free or cands, key=lambda r: _rendezvous(key, r, now))
     a, b = rng.sample(cands, 2)
+    if _rated(a, now) and _rated(b, now):  # both measured: compare expected times, so speed counts
+        ta, tb = _timed(a, now), _timed(b, now)
+        if ta != tb:
+            return a if ta < tb else b
     la, lb = _load(a, now), _load(b, now)
     if la == lb:
         # p2c over two samples misses a clearly idle third replica only rarely; a full scan

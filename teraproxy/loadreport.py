@@ -4,7 +4,8 @@ vLLM exports its scheduler state as gauges (vllm/v1/metrics/loggers.py, labels `
 ``engine``): ``vllm:num_requests_running``, ``vllm:num_requests_waiting`` and
 ``vllm:kv_cache_usage_perc`` (``vllm:gpu_cache_usage_perc`` before v1). ``parse_metrics`` reads just
 those lines (sans-io: bytes in, a LoadReport out; running and waiting summed over engines, KV usage
-averaged); everything else in the exposition is skipped without being parsed.
+averaged), and the ``vllm:request_success_total`` counter, from which consecutive reports measure
+the replica's completion rate; everything else in the exposition is skipped without being parsed.
 
 ``LoadReporter`` owns one named task per replica that scrapes every ``load.interval`` (±15% jitter,
 first scrape at a random offset) with a short timeout and a bounded read, and stores the result on
@@ -39,6 +40,8 @@ _RUNNING = b"vllm:num_requests_running"
 _WAITING = b"vllm:num_requests_waiting"
 _KV = b"vllm:kv_cache_usage_perc"
 _KV_OLD = b"vllm:gpu_cache_usage_perc"
+_SUCCESS = b"vllm:request_success_total"
+RATE_SMOOTHING = 0.5  # weight of the newest completion-rate sample
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +51,16 @@ class LoadReport:
     kv: float | None  # KV-cache usage 0..1, None when the replica does not export it
     at: float = 0.0  # monotonic time the report was taken
     in_flight: int = 0  # this proxy's in-flight count to the replica at that time (see balance.demand)
+    completed: float | None = None  # vllm:request_success_total (all finish reasons), a counter
+    rate: float | None = None  # requests completed per second, smoothed over scrapes (None: not known yet)
+
+    def followed_by(self, new: LoadReport) -> LoadReport:
+        """``new`` with its completion rate measured against this earlier report."""
+        if new.completed is None or self.completed is None or new.at <= self.at or new.completed < self.completed:
+            return new  # no counter, or it was reset (the replica restarted): start measuring again
+        sample = (new.completed - self.completed) / (new.at - self.at)
+        rate = sample if self.rate is None else RATE_SMOOTHING * sample + (1 - RATE_SMOOTHING) * self.rate
+        return LoadReport(new.running, new.waiting, new.kv, new.at, new.in_flight, new.completed, rate)
 
 
 def _sample(line: bytes, name: bytes) -> float | None:
@@ -76,8 +89,14 @@ def parse_metrics(text: bytes, at: float = 0.0, in_flight: int = 0) -> LoadRepor
     seen = False
     kv: list[float] = []
     kv_old: list[float] = []
+    completed: float | None = None
     for line in text.splitlines():
         if not line.startswith(b"vllm:"):
+            continue
+        if line.startswith(_SUCCESS):
+            v = _sample(line, _SUCCESS)
+            if v is not None:
+                completed = (completed or 0.0) + v
             continue
         for name, into in ((_RUNNING, None), (_WAITING, None), (_KV, kv), (_KV_OLD, kv_old)):
             if line.startswith(name):
@@ -97,7 +116,7 @@ def parse_metrics(text: bytes, at: float = 0.0, in_flight: int = 0) -> LoadRepor
         return None
     usage = kv or kv_old
     return LoadReport(int(running), int(waiting), sum(usage) / len(usage) if usage else None, at,
-                      in_flight)
+                      in_flight, completed)
 
 
 class LoadReporter:
@@ -166,8 +185,10 @@ class LoadReporter:
             log.warning("%s%s is over %d bytes; no load report", r.url, self.cfg.path, MAX_BYTES)
             r.report = None
             return False
-        r.report = parse_metrics(body, time.monotonic(), in_flight)
-        return r.report is not None
+        new = parse_metrics(body, time.monotonic(), in_flight)
+        prev = r.report
+        r.report = prev.followed_by(new) if prev is not None and new is not None else new
+        return new is not None
 
 
 async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:

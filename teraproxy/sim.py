@@ -15,8 +15,9 @@ to first token grows); ``speed`` divides every delay (0.5 = a GPU twice as slow)
 vLLM v1's scheduler gauges with vLLM's names, types and labels (``model_name``, ``engine``):
 ``vllm:num_requests_running``, ``vllm:num_requests_waiting`` and ``vllm:kv_cache_usage_perc`` (or the
 older ``vllm:gpu_cache_usage_perc`` with ``metrics="gpu"``; no endpoint with ``metrics="none"``).
-KV-cache usage is simulated as running / max_num_seqs. Faults ``extra_running``/``extra_waiting`` add
-load that other clients of the same replica would cause.
+KV-cache usage is simulated as running / max_num_seqs; ``vllm:request_success_total`` counts completed
+requests. Faults ``extra_running``/``extra_waiting`` add load that other clients of the same replica
+would cause.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 REASONING_FIELDS = ("reasoning", "reasoning_content", "both", "none")
@@ -429,6 +430,10 @@ class _SchedulerCollector(Collector):
                                   labels=labels)
         g.add_metric(values, kv)
         yield g
+        c = CounterMetricFamily("vllm:request_success", "Count of successfully processed requests.",
+                                labels=[*labels, "finished_reason"])
+        c.add_metric([*values, "stop"], float(sim.stats.completed))
+        yield c
 
 
 def _tool_name(payload: dict[str, Any]) -> str:

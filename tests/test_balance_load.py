@@ -94,3 +94,32 @@ def test_reload_keeps_the_queue_and_takes_new_caps() -> None:
     pool = second.table["m"]
     assert pool.queue is q and len(q.q) == 1 and q.q.max_size == 20 and entry is not None
     assert pool.replicas[0].max_in_flight == 5 and q.room() == 5  # the new pool's capacity admits it
+
+
+def test_measured_completion_rates_make_speed_count() -> None:
+    fast, slow = _pool(2).replicas
+    # the same queue in count, but the slow one finishes half as many requests a second
+    fast.report = LoadReport(running=8, waiting=4, kv=1.0, at=0.0, completed=100.0, rate=20.0)
+    slow.report = LoadReport(running=8, waiting=4, kv=1.0, at=0.0, completed=50.0, rate=10.0)
+    assert _counts((fast, slow), 0.5) == [400, 0]
+    # once the fast one's queue is twice as long, expected times are equal: the shorter count decides
+    fast.report = LoadReport(running=8, waiting=16, kv=1.0, at=0.0, completed=100.0, rate=20.0)
+    assert _counts((fast, slow), 0.5) == [0, 400]
+    # an idle replica is best whatever its rate; one that is busy and finishes nothing is avoided
+    slow.report = LoadReport(running=0, waiting=0, kv=0.0, at=0.0, completed=50.0, rate=0.0)
+    assert _counts((fast, slow), 0.5) == [0, 400]
+    slow.report = LoadReport(running=3, waiting=0, kv=0.1, at=0.0, completed=50.0, rate=0.0)
+    assert _counts((fast, slow), 0.5) == [400, 0]
+    # without a rate for both (a replica that does not export the counter), counts decide
+    slow.report = LoadReport(running=0, waiting=0, kv=0.0, at=0.0)
+    assert _counts((fast, slow), 0.5) == [0, 400]
+
+
+def test_rate_is_measured_between_reports_and_survives_a_counter_reset() -> None:
+    a = LoadReport(1, 0, None, at=10.0, completed=100.0)
+    b = a.followed_by(LoadReport(1, 0, None, at=11.0, completed=120.0))
+    assert b.rate == 20.0
+    c = b.followed_by(LoadReport(1, 0, None, at=12.0, completed=130.0))
+    assert c.rate == 15.0  # smoothed: half the new sample, half the old rate
+    restarted = c.followed_by(LoadReport(1, 0, None, at=13.0, completed=3.0))
+    assert restarted.rate is None and restarted.completed == 3.0

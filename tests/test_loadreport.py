@@ -35,13 +35,18 @@ vllm:kv_cache_usage_perc{engine="1",model_name="Qwen/Qwen3-8B"} 0.7
 # TYPE vllm:time_to_first_token_seconds histogram
 vllm:time_to_first_token_seconds_bucket{engine="0",le="0.001",model_name="Qwen/Qwen3-8B"} 0.0
 vllm:time_to_first_token_seconds_sum{engine="0",model_name="Qwen/Qwen3-8B"} 1.5
+# HELP vllm:request_success_total Count of successfully processed requests.
+# TYPE vllm:request_success_total counter
+vllm:request_success_total{engine="0",finished_reason="stop",model_name="Qwen/Qwen3-8B"} 40.0
+vllm:request_success_total{engine="0",finished_reason="length",model_name="Qwen/Qwen3-8B"} 2.0
+vllm:request_success_created{engine="0",finished_reason="stop",model_name="Qwen/Qwen3-8B"} 1.7e9
 """
 
 
 def test_parses_vllm_v1_gauges_summing_engines_and_averaging_kv() -> None:
     r = parse_metrics(VLLM, at=12.5, in_flight=2)
     assert r is not None
-    assert (r.running, r.waiting, r.at, r.in_flight) == (7, 5, 12.5, 2)
+    assert (r.running, r.waiting, r.at, r.in_flight, r.completed, r.rate) == (7, 5, 12.5, 2, 42.0, None)
     assert r.kv == pytest.approx(0.6)
 
 
@@ -88,7 +93,12 @@ async def test_scrape_real_sims_with_and_without_the_endpoint(cluster: Cluster) 
         assert await rep.scrape(r1) is True
         assert await rep.scrape(r2) is False
     assert r1.report is not None and (r1.report.running, r1.report.waiting) == (6, 9)
-    assert r1.report.kv == 0.75 and r2.report is None
+    assert r1.report.kv == 0.75 and r2.report is None and r1.report.completed == 0.0
+    # the second scrape measures the completion rate against the first
+    loaded.sim.stats.completed = 5
+    async with aiohttp.ClientSession() as s:
+        await LoadReporter(LoadConfig(), [r1], s).scrape(r1)
+    assert r1.report.rate is not None and r1.report.rate > 0 and r1.report.completed == 5.0
     snap = r1.snapshot(MODEL)["report"]
     assert isinstance(snap, dict) and snap["waiting"] == 9 and snap["stale"] is False
 

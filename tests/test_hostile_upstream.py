@@ -213,7 +213,7 @@ async def test_exhausted_pool_answers_503_busy_and_never_blames_replicas(cluster
         return web.json_response({"choices": []})
 
     urls = [await cluster.raw_upstream(slow), await cluster.raw_upstream(slow)]
-    p = await cluster.proxy(upstream={"max_connections": 2}, timeouts={"connect": "200ms"}, log={"access_log": True},
+    p = await cluster.proxy(upstream={"max_connections": 2}, timeouts={"connect": "1s"}, log={"access_log": True},
                             models=[{"id": MODEL, "replicas": [{"url": u} for u in urls]}])
     async with aiohttp.ClientSession() as http:
         tasks = [asyncio.create_task(post(http, f"{p.v1}/chat/completions")) for _ in range(20)]

@@ -165,9 +165,23 @@ class Exchange:
         """The whole body, at most ``limit`` bytes. Past that the connection is dropped (at once
         when Content-Length announces it) and ResponseTooLarge is raised, or with ``truncate``
         the first ``limit`` bytes are returned."""
+        if not self.complete and self.error is None:  # else the body came with the head
+            await self._read_rest(limit, truncate)
+        if self.error is not None:
+            raise self.error
+        data = b"".join(self._chunks)
+        if len(data) > limit:
+            self.conn.abort()  # never pooled: release() sees a lost connection
+            if not truncate:
+                self._chunks.clear()
+                raise ResponseTooLarge(f"answer over the limit of {limit} bytes", got_bytes=True)
+            return data[:limit]
+        return data
+
+    async def _read_rest(self, limit: int, truncate: bool) -> None:
         declared = self.header(b"content-length")
         if not truncate and declared is not None and declared.isdigit() and int(declared) > limit:
-            self.conn.abort()  # never pooled: release() sees an incomplete exchange
+            self.conn.abort()
             raise ResponseTooLarge(f"answer of {int(declared)} bytes is over the limit of {limit} bytes",
                                    got_bytes=True)
         size = sum(map(len, self._chunks))
@@ -181,19 +195,8 @@ class Exchange:
                 self.wake()
 
         self.on_body = bounded
-        while not self.complete and size <= limit:
-            if self.error is not None:
-                raise self.error
+        while not self.complete and self.error is None and size <= limit:
             await self.wait()
-        if self.error is not None:
-            raise self.error
-        if size > limit:
-            self.conn.abort()
-            if not truncate:
-                self._chunks.clear()
-                raise ResponseTooLarge(f"answer over the limit of {limit} bytes", got_bytes=True)
-        data = b"".join(self._chunks)
-        return data[:limit] if truncate else data
 
     def take_body(self) -> list[bytes]:
         """The list holding the body received so far. It keeps receiving chunks until ``on_body`` is
@@ -263,6 +266,11 @@ class _Conn(asyncio.Protocol):
         """Until the final head is in, feed the parser whole heads only. httptools joins a header
         split across feeds by repeated concatenation (quadratic: an endless header cost 100% CPU
         and hundreds of MiB), so a head arriving in pieces is collected here, in linear time."""
+        if ex.partial is None and not ex.head_bytes and data[9:10] != b"1":
+            end = data.find(b"\r\n\r\n")
+            if 0 <= end <= MAX_HEAD - 4:  # the usual case: a whole final (not 1xx) head in one read
+                self.parser.feed_data(data)
+                return
         start = 0
         if ex.partial is not None:
             start = max(len(ex.partial) - 3, 0)  # the blank line may straddle two reads
@@ -449,11 +457,11 @@ class Client:
         conn = ex.conn
         conn.ex = None
         if ex.complete and ex.keep_alive and not conn.lost and not self.closed and not conn.paused:
-            self._reuse(conn)
+            self._reuse(conn, ex.loop.time())
         else:
             self._close(conn)
 
-    def _reuse(self, conn: _Conn) -> None:
+    def _reuse(self, conn: _Conn, now: float) -> None:
         """A connection free for another request: to the first waiter in line (closed to make room
         if that one waits for another origin), else into the idle pool."""
         while self._waiters:
@@ -466,7 +474,6 @@ class Client:
                 self._close(conn, keep_slot=True)  # the slot passes to the waiter
                 fut.set_result(None)
             return
-        now = asyncio.get_running_loop().time()
         conn.idle_since = now
         idle = self._idle.setdefault(conn.origin, deque())
         idle.append(conn)
@@ -521,7 +528,7 @@ class Client:
                 elif got.lost:
                     self._close(got)
                 else:
-                    self._reuse(got)
+                    self._reuse(got, loop.time())
             if isinstance(e, TimeoutError):
                 raise PoolBusy(f"all {self.limit} upstream connections busy (upstream.max_connections) "
                                f"for {self.connect_timeout:g}s") from None

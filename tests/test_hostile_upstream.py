@@ -17,6 +17,8 @@ from tests.conftest import MODEL, Cluster
 
 BODY = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
 OTHER = "other/model"
+# the raw replicas below speak only the chat route: no /metrics scraping (it would be counted as traffic)
+RAW: dict[str, object] = {"load": {"enabled": False}}
 _Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -93,7 +95,7 @@ async def _endless_headers(reader: asyncio.StreamReader, writer: asyncio.StreamW
 async def _head_test(cluster: Cluster, handler: _Handler) -> None:
     healthy = await cluster.replica(model=OTHER, ttft_ms=50)
     async with raw_replica(handler) as url:
-        p = await cluster.proxy(models=_models(url, healthy.url), timeouts={"headers": "60s", "idle": "60s"})
+        p = await cluster.proxy(**RAW, models=_models(url, healthy.url), timeouts={"headers": "60s", "idle": "60s"})
         before = rss_mib()
         async with aiohttp.ClientSession() as http:
             bad = asyncio.create_task(post(http, f"{p.v1}/chat/completions"))
@@ -170,7 +172,7 @@ async def _max_response_test(cluster: Cluster, total: int | None, declare: bool)
         await handler(reader, writer)
 
     async with raw_replica(counting) as u1, raw_replica(counting) as u2:
-        p = await cluster.proxy(limits={"max_response": "1MiB"}, log={"access_log": True},
+        p = await cluster.proxy(**RAW, limits={"max_response": "1MiB"}, log={"access_log": True},
                                 models=[{"id": MODEL, "replicas": [{"url": u1}, {"url": u2}]}])
         before = rss_mib()
         async with aiohttp.ClientSession() as http:
@@ -197,7 +199,8 @@ async def test_declared_length_over_max_response_fails_at_once(cluster: Cluster)
 
 async def test_answer_under_max_response_passes(cluster: Cluster) -> None:
     async with raw_replica(_big_body(512 * 1024, declare=True)) as url:
-        p = await cluster.proxy(limits={"max_response": "1MiB"}, models=[{"id": MODEL, "replicas": [{"url": url}]}])
+        p = await cluster.proxy(**RAW, limits={"max_response": "1MiB"},
+                                models=[{"id": MODEL, "replicas": [{"url": url}]}])
         async with aiohttp.ClientSession() as http:
             status, _, body = await asyncio.wait_for(post(http, f"{p.v1}/chat/completions"), 20)
         assert status == 200 and len(body) == 512 * 1024
@@ -309,7 +312,7 @@ async def test_request_read_then_connection_closed_is_not_replayed(cluster: Clus
             await writer.drain()
 
     async with raw_replica(handler) as url:
-        p = await cluster.proxy(models=[{"id": MODEL, "replicas": [{"url": url}]}])
+        p = await cluster.proxy(**RAW, models=[{"id": MODEL, "replicas": [{"url": url}]}])
         async with aiohttp.ClientSession() as http:
             first = await post(http, f"{p.v1}/chat/completions")
             second = await post(http, f"{p.v1}/chat/completions")

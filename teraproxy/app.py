@@ -30,6 +30,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from teraproxy import tls
 from teraproxy.accesslog import AccessLog
 from teraproxy.client import Client
 from teraproxy.config import Config, load_config
@@ -207,13 +208,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession(connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
                                      skip_auto_headers=("User-Agent",)) as session:
         checker = HealthChecker(config, session)
+        checker.tls = proxy.client.contexts  # the same contexts: a replica's ca / verify apply to its checks
         checker.sync(live.current.replicas)
+        _replica_tls(proxy, live.current)
         reporter = LoadReporter(config.load, live.current.replicas, session)
         reporter.start()
 
         def swapped(snap: Snapshot) -> None:
             checker.configure(snap.config)
             checker.sync(snap.replicas)
+            _replica_tls(proxy, snap)
             reporter.sync(snap.replicas)
             proxy.configure(snap)
 
@@ -237,6 +241,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             app[ACCESS].close()
     # let the connector's transports close before the loop goes away
     await asyncio.sleep(0)
+
+
+def _replica_tls(proxy: Proxy, snap: Snapshot) -> None:
+    """TLS contexts for the https replicas (their ca, or verify: false), used by the upstream client."""
+    for r in snap.replicas:
+        if r.origin[2]:
+            proxy.client.contexts[r.origin] = tls.client_context(r.cfg)
 
 
 def create_admin_app(api: web.Application) -> web.Application:
@@ -287,8 +298,8 @@ def create_admin_app(api: web.Application) -> web.Application:
     return admin
 
 
-async def start_servers(config: Config, path: str | None = None, inherited: Sequence[socket.socket] = (),
-                        ssl_context: ssl.SSLContext | None = None) -> tuple[web.Application, list[web.AppRunner]]:
+async def start_servers(config: Config, path: str | None = None,
+                        inherited: Sequence[socket.socket] = ()) -> tuple[web.Application, list[web.AppRunner]]:
     """Set up the API (and admin) runners with the hardened server settings and bind them.
 
     ``inherited``: listening sockets from systemd's socket activation; the one on admin_listen's
@@ -297,6 +308,7 @@ async def start_servers(config: Config, path: str | None = None, inherited: Sequ
     are cleaned up first). Callers clean the returned runners up in reverse order.
     """
     app = create_app(config, path)
+    ssl_context = _server_tls(app, config)
     admin_port = config.admin_listen.port if config.admin_listen else None
     admin_socks = [s for s in inherited if s.getsockname()[1] == admin_port]
     api_socks = [s for s in inherited if s not in admin_socks]
@@ -327,6 +339,25 @@ async def start_servers(config: Config, path: str | None = None, inherited: Sequ
             await r.cleanup()
         raise
     return app, runners
+
+
+def _server_tls(app: web.Application, config: Config) -> ssl.SSLContext | None:
+    """The API listener's TLS context; a reload checks the certificate first, then loads it into it."""
+    if config.tls is None:
+        return None
+    try:
+        ctx = tls.server_context(config.tls)
+    except (OSError, ssl.SSLError) as e:
+        raise OSError(e.errno, tls.check(config)[0] if tls.check(config) else f"tls: {e}") from None
+    reloader = app[RELOADER]
+    reloader.extra_checks.append(tls.check)
+
+    def renew(snap: Snapshot) -> None:
+        if snap.config.tls is not None:
+            tls.reload_cert(ctx, snap.config.tls)
+
+    reloader.on_swap.append(renew)
+    return ctx
 
 
 async def _bind(runner: web.AppRunner, host: str, port: int, key: str, ssl_context: ssl.SSLContext | None = None,

@@ -406,6 +406,7 @@ class Client:
         # yours, connect". Invariant: while anyone waits there is no idle connection and no free slot.
         self._waiters: deque[tuple[Origin, asyncio.Future[_Conn | None]]] = deque()
         self._ssl: ssl_mod.SSLContext | None = None
+        self.contexts: dict[Origin, ssl_mod.SSLContext] = {}  # per https replica (its ca / verify: false)
         self._poller = select.poll()  # for _Conn.stale
         self.closed = False
 
@@ -572,7 +573,7 @@ class Client:
 
         try:
             async with asyncio.timeout(self.connect_timeout):
-                await loop.create_connection(factory, host, port, ssl=self._tls_context() if tls else None)
+                await loop.create_connection(factory, host, port, ssl=self._tls_context(origin) if tls else None)
         except BaseException as e:
             # the slot goes back exactly once: through the protocol if one was made (its
             # connection_lost may already have closed it), directly otherwise
@@ -587,7 +588,10 @@ class Client:
             raise
         return made[0]
 
-    def _tls_context(self) -> ssl_mod.SSLContext:
+    def _tls_context(self, origin: Origin) -> ssl_mod.SSLContext:
+        ctx = self.contexts.get(origin)
+        if ctx is not None:
+            return ctx
         if self._ssl is None:
             self._ssl = ssl_mod.create_default_context()
         return self._ssl

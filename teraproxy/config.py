@@ -83,6 +83,8 @@ class ReplicaConfig:
     weight: float = 1.0
     api_key: str | None = None
     max_in_flight: int | None = None  # requests this proxy sends at once; beyond it they queue
+    ca: str | None = None  # https: PEM file of the CA(s) to verify the replica against (else the system store)
+    verify: bool = True  # https: verify the replica's certificate and name
 
 
 @dataclass(frozen=True)
@@ -461,7 +463,7 @@ def _redis_url(v: Any) -> str:
 
 
 def _replica(r: _Reader, raw: Any, p: str) -> ReplicaConfig | None:
-    d = r.mapping(raw, p, {"url", "weight", "api_key", "api_key_env", "max_in_flight"})
+    d = r.mapping(raw, p, {"url", "weight", "api_key", "api_key_env", "max_in_flight", "ca", "verify"})
     if "url" not in d:
         r.fail(f"{p}.url", "missing")
         return None
@@ -487,7 +489,12 @@ def _replica(r: _Reader, raw: Any, p: str) -> ReplicaConfig | None:
         else:
             api_key = os.environ[env]
     cap = r.get(d, "max_in_flight", p, _int(1), None)
-    return ReplicaConfig(url, weight, api_key, cap) if url else None
+    ca = d.get("ca")
+    if ca is not None and (not isinstance(ca, str) or not os.access(ca, os.R_OK)):
+        r.fail(f"{p}.ca", f"cannot read {ca!r} (a PEM file of CA certificates)")
+        ca = None
+    verify = r.get(d, "verify", p, _bool, True)
+    return ReplicaConfig(url, weight, api_key, cap, ca, verify) if url else None
 
 
 # A replica's key goes into an Authorization header, which is encoded as Latin-1 by our client and

@@ -21,7 +21,6 @@ import contextlib
 import logging
 import os
 import signal
-import ssl
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -64,7 +63,7 @@ class Daemon:
         self._install_signals()  # before the listeners: a signal during start-up must not kill the process
         inherited = systemd.listen_fds()
         try:
-            app, runners = await start_servers(self.config, self.path, inherited, _tls_context(self.config))
+            app, runners = await start_servers(self.config, self.path, inherited)
         except OSError as e:
             raise StartupError(e.strerror or str(e)) from None
         live = app[LIVE]
@@ -180,7 +179,3 @@ async def _first_round(live: Live) -> None:
         async with asyncio.timeout(cfg.timeout + 0.5):
             while any(r.last_check is None for r in live.current.replicas):  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
-
-
-def _tls_context(config: Config) -> ssl.SSLContext | None:
-    return None

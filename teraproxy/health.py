@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 from collections.abc import Iterable
 
@@ -64,6 +65,7 @@ class HealthChecker:
         self.session = session
         self.rng = rng or random.Random()
         self.tasks: dict[int, asyncio.Task[None]] = {}  # by id() of the watched Replica
+        self.tls: dict[tuple[str, int, bool], ssl.SSLContext] = {}  # https replicas' contexts (app.py fills it)
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -144,7 +146,8 @@ class HealthChecker:
     async def probe(self, r: Replica) -> tuple[bool, str]:
         t0 = time.monotonic()
         try:
-            async with self.session.get(r.url + self.cfg.path, timeout=self._timeout) as resp:
+            async with self.session.get(r.url + self.cfg.path, timeout=self._timeout,
+                                        ssl=self.tls.get(r.origin, True)) as resp:
                 await read_at_most(resp, HEALTH_MAX)
                 status = resp.status
         except TimeoutError:
@@ -170,7 +173,7 @@ class HealthChecker:
         try:
             if self.cfg.check_models:
                 async with self.session.get(r.url + "/v1/models", headers=self._headers(r),
-                                            timeout=self._timeout) as resp:
+                                            timeout=self._timeout, ssl=self.tls.get(r.origin, True)) as resp:
                     if resp.status != 200:
                         return False, f"/v1/models answered HTTP {resp.status}"
                     doc = orjson.loads(await read_at_most(resp, MODELS_MAX))
@@ -189,7 +192,7 @@ class HealthChecker:
                 body = orjson.dumps({"model": model, "max_tokens": 1, "stream": False,
                                      "messages": [{"role": "user", "content": "ping"}]})
                 async with self.session.post(
-                        r.url + "/v1/chat/completions", data=body,
+                        r.url + "/v1/chat/completions", data=body, ssl=self.tls.get(r.origin, True),
                         headers={"Content-Type": "application/json", **self._headers(r)},
                         timeout=aiohttp.ClientTimeout(total=self.warmup_timeout)) as resp:
                     await read_at_most(resp, WARMUP_MAX)

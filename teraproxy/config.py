@@ -113,6 +113,7 @@ class Timeouts:
     # counted from connect or from the previous response (aiohttp does not re-arm it on data)
     keepalive: float = 30.0
     client_stall: float = 60.0  # a client that reads nothing of a stream for this long is disconnected
+    first_event_keepalive: float = 0.0  # streams: status line + ": keep-alive" every this long until the first event
 
 
 @dataclass(frozen=True)
@@ -600,7 +601,7 @@ def parse_config(raw: Any, warnings: list[str] | None = None, base: Path | None 
                          "max_event": _positive(parse_size)}),
         timeouts=_section(r, raw, "timeouts", Timeouts,
                           {"connect": pdur, "headers": pdur, "idle": pdur, "keepalive": pdur,
-                           "client_stall": pdur}),
+                           "client_stall": pdur, "first_event_keepalive": dur}),
         upstream=_section(r, raw, "upstream", UpstreamPool, {"max_connections": pint, "keepalive": pdur}),
         health=_section(r, raw, "health", HealthConfig, {
             "enabled": _bool, "path": _path, "interval": pdur, "timeout": pdur, "fall": pint,

@@ -36,6 +36,7 @@ from teraproxy.errors import (
     ModelNotFound,
     NoHealthyReplica,
     PayloadTooLarge,
+    ProxyError,
     QueueFull,
     RequestTimeout,
     ShuttingDown,
@@ -77,6 +78,7 @@ class Ctx:
         "decision",
         "error",
         "frames_rewritten",
+        "keepalive",
         "key",
         "limited",
         "model",
@@ -107,6 +109,7 @@ class Ctx:
         self.frames_rewritten = 0
         self.bad_frames = 0
         self.committed = False  # the status line went out: no other answer is possible
+        self.keepalive: relay.KeepAlive | None = None  # timeouts.first_event_keepalive, until the first event
         self.client_gone = False  # the client disconnected or stalled mid-answer (logged as 499)
         self.broken = False  # the replica broke the answer after the commit point
         self.decision: Decision | None = None  # the key's admission (its x-ratelimit-* headers)
@@ -277,7 +280,7 @@ class Proxy:
                 raise refusal(key.name, decision)
             ctx.decision = decision
         try:
-            return await self._forward(request, ctx, pool, path, body, headers, mode, chat, affinity)
+            return await self._kept_alive(request, ctx, pool, path, body, headers, mode, chat, affinity)
         finally:
             if ctx.tap is not None and ctx.usage is None:
                 ctx.usage = stream_usage(ctx.tap, body)
@@ -305,6 +308,32 @@ class Proxy:
         return b"".join(parts)
 
     # -- attempts ----------------------------------------------------------------------------
+    async def _kept_alive(self, request: web.Request, ctx: Ctx, pool: ModelPool, path: str, body: bytes,
+                          headers: bytes, mode: str, chat: bool, affinity: str | None) -> web.StreamResponse:
+        """_forward, with timeouts.first_event_keepalive for streams: once its keep-alives sent the status
+        line, an answer that is not a stream (retries ran out, a replica's 4xx) becomes an error event."""
+        every = ctx.snap.config.timeouts.first_event_keepalive
+        if mode != "sse" or every <= 0:
+            return await self._forward(request, ctx, pool, path, body, headers, mode, chat, affinity)
+        ka = ctx.keepalive = relay.KeepAlive(request, ctx, every)
+        try:
+            resp = await self._forward(request, ctx, pool, path, body, headers, mode, chat, affinity)
+        except ProxyError as e:
+            early = await ka.stop()
+            if early is None:
+                raise
+            ctx.error = e.code
+            return await relay.end_early(early, ctx, e.body())
+        except BaseException:
+            await ka.stop()
+            raise
+        early = await ka.stop()
+        if early is None or resp is early:
+            return resp
+        ctx.error = f"replica answered {resp.status}"
+        data = resp.body if isinstance(resp, web.Response) and isinstance(resp.body, bytes) else b"{}"
+        return await relay.end_early(early, ctx, data)
+
     async def _forward(self, request: web.Request, ctx: Ctx, pool: ModelPool, path: str, body: bytes,
                        headers: bytes, mode: str, chat: bool, affinity: str | None) -> web.StreamResponse:
         tried: list[Replica] = []
@@ -414,6 +443,9 @@ class Proxy:
                 return self._complete(request, ctx, ex, status, data)
             if mode == "sse" and (ex.header(b"content-type") or b"").startswith(b"text/event-stream"):
                 return await relay.stream(request, att, ex, pool.emit if chat else "passthrough")
+            if ctx.keepalive is not None:  # the status line may be out already: only a stream can follow it
+                raise AttemptFailed(UpstreamError(f"Replica {replica.url} answered a stream request without "
+                                                  "an event stream."))
             return await relay.binary(request, att, ex, self._response_headers(ex, ctx.rid))
         finally:
             self.exchanges.discard(ex)

@@ -23,6 +23,7 @@ judged from what the framer saw (``done``), not from the last reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -136,6 +137,58 @@ def failed(replica: Replica, what: str, e: client.UpstreamFailure) -> AttemptFai
     return AttemptFailed(error_class(e)(f"Replica {replica.url} {what}: {e}"))
 
 
+class KeepAlive:
+    """timeouts.first_event_keepalive: while a streamed request has no event yet, the status line goes
+    out after ``every`` seconds and an SSE comment every ``every`` seconds after it, so a load balancer
+    in front does not cut a connection that waits for a cold replica. No event has gone out, so a
+    replica that fails before its first event is still retried elsewhere; the stream's headers are
+    the ones it would have had. ``stop()`` hands the response over (None if nothing was sent yet)."""
+
+    def __init__(self, request: web.Request, ctx: Ctx, every: float) -> None:
+        self.request, self.ctx, self.every = request, ctx, every
+        self.resp: web.StreamResponse | None = None
+        self.busy = self.stopped = False
+        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"keepalive:{ctx.rid}")
+
+    async def _run(self) -> None:
+        while not self.stopped:
+            await asyncio.sleep(self.every)
+            self.busy = True  # a write in progress is finished, never cancelled halfway
+            try:
+                if self.resp is None:
+                    self.resp = stream_response(self.ctx.rid)
+                    await _prepare(self.request, self.resp, self.ctx)
+                    self.ctx.committed = True  # the status line is out: no other status is possible
+                await self.resp.write(b": keep-alive\n\n")
+            except ConnectionError:
+                return
+            finally:
+                self.busy = False
+
+    async def stop(self) -> web.StreamResponse | None:
+        self.stopped = True
+        if not self.busy:
+            self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        return self.resp
+
+
+def stream_response(rid: str) -> web.StreamResponse:
+    return web.StreamResponse(status=200, headers={
+        "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no", "Server": "teraproxy", "X-Request-ID": rid})
+
+
+async def end_early(resp: web.StreamResponse, ctx: Ctx, body: bytes) -> web.StreamResponse:
+    """The keep-alives sent the status line, then no replica answered: an error event and [DONE]."""
+    ctx.broken = True
+    with contextlib.suppress(ConnectionError):
+        await resp.write(b"data: " + body + b"\n\n" + _DONE)
+        await resp.write_eof()
+    return resp
+
+
 async def stream(request: web.Request, att: Attempt, ex: client.Exchange, emit: str) -> web.StreamResponse:
     """An SSE answer, framed in every mode; committed at the first complete event with data."""
     ctx = att.ctx
@@ -157,10 +210,10 @@ async def stream(request: web.Request, att: Attempt, ex: client.Exchange, emit: 
         before_commit(early)
     ex.on_body = before_commit
     await _first_event(att, ex, relay, tap, pending)
-    resp = web.StreamResponse(status=200, headers={
-        "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no", "Server": "teraproxy", "X-Request-ID": ctx.rid})
-    await _prepare(request, resp, ctx)  # the commit point
+    kept = await ctx.keepalive.stop() if ctx.keepalive is not None else None
+    resp = kept or stream_response(ctx.rid)
+    if kept is None:
+        await _prepare(request, resp, ctx)  # the commit point
     att.commit()
 
     def too_large() -> None:  # the framer let the oversize event go: end the exchange

@@ -19,6 +19,7 @@ catch-all route to the same handler, for runners other than edge.Runner).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
@@ -30,7 +31,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from teraproxy import tls
+from teraproxy import events, tls
 from teraproxy.accesslog import AccessLog
 from teraproxy.client import Client
 from teraproxy.config import Config, load_config
@@ -229,9 +230,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
         reloader.on_swap.append(swapped)
         reloader.on_retired.append(retired)
+        watcher = asyncio.get_running_loop().create_task(events.watch_replicas(live, live.events),
+                                                         name="events:replicas")
         try:
             yield
         finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             await reloader.close()
             await reporter.stop()
             await checker.stop()
@@ -285,12 +291,16 @@ def create_admin_app(api: web.Application) -> web.Application:
             return _json({"ok": False, "problems": problems}, status=422)
         return _json({"ok": True, "sha256": live.current.sha256})
 
+    async def watch(request: web.Request) -> web.StreamResponse:
+        return await events.handler(request, live, live.events)
+
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=api[METRICS].render(), content_type="text/plain",
                             headers={"Cache-Control": "no-cache"})
 
     admin.router.add_get("/admin/upstreams", upstreams)
     admin.router.add_get("/admin/config", config)
+    admin.router.add_get("/admin/events", watch)
     admin.router.add_post("/admin/reload", reload)
     admin.router.add_get("/metrics", metrics)
     admin.router.add_get("/healthz", healthz)

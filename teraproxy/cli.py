@@ -224,12 +224,33 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _fail(e.problems)
     if config.admin_listen is None:
         return _fail("admin_listen: not set in this config, so there is no status to read")
-    url = f"http://{config.admin_listen}/admin/upstreams"
+    base = f"http://{config.admin_listen}"
+
+    def table() -> str:
+        with urllib.request.urlopen(f"{base}/admin/upstreams", timeout=5) as resp:
+            return _replica_table(orjson.loads(resp.read()))
+
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            doc = orjson.loads(resp.read())
+        if not args.watch:
+            print(table())
+            return 0
+        # follow /admin/events: on every event redraw the table, with the last events under it
+        recent: list[str] = []
+        with urllib.request.urlopen(f"{base}/admin/events", timeout=60) as stream:
+            for raw in stream:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if not line.startswith("data:"):
+                    continue  # pings and blank separators
+                recent = [*recent[-9:], line[5:].strip()]
+                print("\x1b[H\x1b[2J" + table() + "\n\nevents:\n" + "\n".join(recent), flush=True)
+    except KeyboardInterrupt:
+        return 0
     except (urllib.error.URLError, OSError) as e:
-        return _fail(f"cannot reach {url}: {getattr(e, 'reason', e)}")
+        return _fail(f"cannot reach {base}: {getattr(e, 'reason', e)}")
+    return 0
+
+
+def _replica_table(doc: dict[str, Any]) -> str:
     rows = [("MODEL", "REPLICA", "UP", "BREAKER", "IN FLIGHT", "LATENCY", "WHY")]
     for m in doc["models"]:
         for r in m["replicas"]:
@@ -237,9 +258,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             rows.append((m["id"], r["url"], "up" if r["up"] else "DOWN", r["breaker"]["state"],
                          str(r["in_flight"]), lat, r["reason"]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
-    return 0
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1]
+                     for row in rows)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -327,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="print the replicas' state from a running proxy's admin port")
     s.add_argument("--config", help="config file (default: $TERAPROXY_CONFIG)")
+    s.add_argument("--watch", action="store_true", help="follow /admin/events and redraw the table on each event")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("reload", help="check a config, then make the running proxy re-read its config file")

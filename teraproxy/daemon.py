@@ -144,6 +144,7 @@ class Daemon:
         t0 = asyncio.get_running_loop().time()
         log.info("%s: shutting down: listeners close, %d request(s) in flight get up to %gs (shutdown.drain)",
                  self.signal_name or "stop", live.active, drain)
+        live.events.publish("drain", in_flight=live.active, seconds_left=drain)
         if self.notifier:
             self.notifier.stopping(status_line(live))
         api = runners[0]
@@ -159,6 +160,7 @@ class Daemon:
             if loop.time() >= next_note and live.active:
                 next_note += 1.0
                 log.info("draining: %d request(s) in flight, %.0fs left", live.active, deadline - loop.time())
+                live.events.publish("drain", in_flight=live.active, seconds_left=round(deadline - loop.time(), 1))
         if live.active:
             n = proxy.cut()
             log.warning("drain time (%gs) is over: cut %d answer(s) in progress", drain, n)

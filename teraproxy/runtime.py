@@ -38,6 +38,7 @@ from prometheus_client.registry import Collector
 
 from teraproxy.auth import KeyTable
 from teraproxy.config import Config, ConfigError, ReplicaConfig, load_config
+from teraproxy.events import EventBus
 from teraproxy.quota import Quota, build_quota
 from teraproxy.upstreams import ASSUMED_UP, PENDING, ModelPool, Replica, build_table, link_queues
 
@@ -106,6 +107,7 @@ class Live:
         self.reload_failures = 0
         self.last_reload_ok = snapshot.loaded_at
         self.last_error: list[str] = []
+        self.events = EventBus()  # for /admin/events
 
     def swap(self, new: Snapshot) -> list[Replica]:
         """Publish ``new``; returns the replicas it no longer has (now retired)."""
@@ -189,6 +191,7 @@ class Reloader:
             live.last_error = problems
             for p in problems:
                 log.error("reload failed, still serving the previous config: %s", p)
+            live.events.publish("reload", ok=False, problems=problems)
             return problems
         config, warnings = _pin_restart_only(config, live.current.config)
         for w in warnings:
@@ -202,6 +205,8 @@ class Reloader:
             hook(new)
         if live.retiring:
             self._start_reaper()
+        live.events.publish("reload", ok=True, sha256=sha, replicas=len(new.replicas),
+                            retired=[r.url for r in removed])
         log.info("reloaded %s (sha256 %s): %d model(s), %d replica(s), %d retired", self.path, sha[:12],
                  len(new.table), len(new.replicas), len(removed))
         return []

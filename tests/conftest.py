@@ -22,6 +22,7 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
+from hypothesis import settings
 
 from teraproxy.app import ACCESS, LIVE, start_servers
 from teraproxy.config import Config, load_config, parse_config
@@ -29,6 +30,10 @@ from teraproxy.sim import Faults, Sim, SimOptions, start_sim
 from teraproxy.upstreams import ModelPool
 
 MODEL = "Qwen/Qwen3-8B"
+# Tests must not depend on machine speed: no per-example deadline for property tests (the default 200 ms
+# failed a correct test on a loaded 2-core machine).
+settings.register_profile("teraproxy", deadline=None)
+settings.load_profile("teraproxy")
 ROOT = Path(__file__).resolve().parent.parent
 
 

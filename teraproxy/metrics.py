@@ -1,33 +1,45 @@
 """Prometheus metrics on the admin listener, from their own registry.
 
 Per request the hot path does a cached counter increment and one histogram observation (label
-children are looked up once per model and status class, not per request). Everything about
+children are looked up once per model and status code, not per request). Everything about
 replicas (up, breaker, in flight, requests, failures) is read from the routing table when
 /metrics is scraped, so it costs nothing per request. Labels are bounded: model ids and replica
-URLs come from the config, status is a class (2xx, 4xx, ...); never a key or a raw path.
+URLs come from the config (a request that named no served model is ``model="(none)"``, never the
+client's string), ``code`` is the exact HTTP status (at most the 500 codes 100-599, "other"
+beyond); never a key or a raw path. The registry also has the process collector (``process_*``:
+CPU, RSS, open fds), and no ``_created`` series (a gauge per counter that nobody graphs).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from teraproxy.runtime import Live, LiveCollector
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
-NO_MODEL = ""  # requests that never named a served model (bad JSON, unknown model, 404 paths)
+NO_MODEL = "(none)"  # requests that never named a served model (bad JSON, unknown model, 404 paths, bad HTTP)
 
 
 class Metrics:
     def __init__(self, live: Live) -> None:
+        # prometheus-client's switch is process-wide; this process exports only this registry
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
         self.live = live  # the model label is bounded by the models of the live config
-        self.requests = Counter("teraproxy_requests", "Requests answered, by model and status class",
-                                ["model", "status"], registry=self.registry)
+        self.requests = Counter("teraproxy_requests", "Requests answered, by model and HTTP status code",
+                                ["model", "code"], registry=self.registry)
         self.duration = Histogram("teraproxy_request_duration_seconds", "Time to the last byte",
                                   ["model"], buckets=_BUCKETS, registry=self.registry)
         self.ttfb = Histogram("teraproxy_time_to_first_byte_seconds",
@@ -61,11 +73,11 @@ class Metrics:
     def request(self, model: str | None, status: int, seconds: float, ttfb: float | None, attempts: int,
                 rewritten: int, bad_frames: int) -> None:
         m = model if model is not None and model in self.live.current.table else NO_MODEL
-        key = (m, status // 100)
+        key = (m, status)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = (self.requests.labels(m, _CLASSES.get(status // 100, "other")),
-                                            self.duration.labels(m), self.ttfb.labels(m))
+            code = str(status) if 100 <= status <= 599 else "other"
+            child = self._children[key] = (self.requests.labels(m, code), self.duration.labels(m), self.ttfb.labels(m))
         child[0].inc()
         child[1].observe(seconds)
         if ttfb is not None:

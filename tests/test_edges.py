@@ -139,6 +139,7 @@ async def test_malformed_http_logged_rate_limited_and_counted(cluster: Cluster, 
                if line.startswith("teraproxy_requests_total{")}
     # one series (whatever its labels) holds the malformed requests, another the good one
     assert sorted(counted.values()) == [1.0, float(len(MALFORMED))], counted
+    assert f'teraproxy_requests_total{{code="400",model="(none)"}} {float(len(MALFORMED))}' in text
 
 
 def test_throttle_counts_what_it_suppresses() -> None:

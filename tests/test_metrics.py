@@ -38,14 +38,14 @@ async def test_metrics_follow_traffic(cluster: Cluster, http: aiohttp.ClientSess
         assert resp.status == 404
     async with http.get(f"{p2.v1}/some/raw/path") as resp:
         assert resp.status == 404
-    ok_key = ("teraproxy_requests_total", (("model", MODEL), ("status", "2xx")))
+    ok_key = ("teraproxy_requests_total", (("code", "200"), ("model", MODEL)))
     for _ in range(50):  # a stream is counted as its handler returns, just after its last byte went out
         m = await scrape(http, f"{p2.admin}/metrics")
         if m.get(ok_key) == 7:
             break
         await asyncio.sleep(0.02)
     assert m[ok_key] == 7
-    assert m[("teraproxy_requests_total", (("model", ""), ("status", "4xx")))] == 2  # unknown model, bad path
+    assert m[("teraproxy_requests_total", (("code", "404"), ("model", "(none)")))] == 2  # unknown model, bad path
     assert m[("teraproxy_request_duration_seconds_count", (("model", MODEL),))] == 7
     assert m[("teraproxy_time_to_first_byte_seconds_count", (("model", MODEL),))] == 7
     retries = m[("teraproxy_retries_total", (("model", MODEL),))]
@@ -62,3 +62,30 @@ async def test_metrics_follow_traffic(cluster: Cluster, http: aiohttp.ClientSess
     assert "team-secret-name" not in names and "/some/raw/path" not in names
     async with http.get(f"{p2.base}/metrics") as resp:
         assert resp.status == 404  # never on the API port
+
+
+async def test_exact_codes_bounded_model_process_and_no_created(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    r = await cluster.replica()
+    p = await cluster.proxy([r], breaker={"failures": 1, "open": "1m"}, retry={"attempts": 1})
+    async with http.post(f"{p.v1}/chat/completions", data=BODY) as resp:
+        assert resp.status == 200
+    r.faults.fail_status = 500
+    async with http.post(f"{p.v1}/chat/completions", data=BODY) as resp:
+        assert resp.status == 500
+    async with http.post(f"{p.v1}/chat/completions", data=BODY) as resp:
+        assert resp.status == 503  # the breaker is open: no_healthy_replica
+    unknown = orjson.dumps({"model": "attacker/" + "x" * 2000, "messages": []})
+    async with http.post(f"{p.v1}/chat/completions", data=unknown) as resp:
+        assert resp.status == 404
+    async with http.post(f"{p.v1}/chat/completions", data=b"{not json") as resp:
+        assert resp.status == 400
+    async with http.get(f"{p.admin}/metrics") as resp:
+        text = await resp.text()
+    m = {(s.name, tuple(sorted(s.labels.items()))): s.value
+         for fam in text_string_to_metric_families(text) for s in fam.samples}
+    for code, model in (("200", MODEL), ("500", MODEL), ("503", MODEL), ("404", "(none)"), ("400", "(none)")):
+        assert m[("teraproxy_requests_total", (("code", code), ("model", model)))] == 1, (code, model)
+    assert not [k for k in m if k[0] == "teraproxy_requests_total" and dict(k[1])["model"] not in (MODEL, "(none)")]
+    assert "attacker/" not in text and "_created" not in text
+    assert m[("process_resident_memory_bytes", ())] > 0 and m[("process_cpu_seconds_total", ())] > 0
+    assert m[("process_open_fds", ())] > 0

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -28,6 +28,9 @@ from teraproxy.app import ACCESS, LIVE, start_servers
 from teraproxy.config import Config, load_config, parse_config
 from teraproxy.sim import Faults, Sim, SimOptions, start_sim
 from teraproxy.upstreams import ModelPool
+
+if TYPE_CHECKING:
+    from tests.redisd import RedisServer
 
 MODEL = "Qwen/Qwen3-8B"
 # Tests must not depend on machine speed: no per-example deadline for property tests (the default 200 ms
@@ -221,3 +224,15 @@ def stop_process(p: subprocess.Popen[Any]) -> None:
     for f in (p.stdout, p.stderr):
         if f is not None:
             f.close()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port (tests that need Redis take this)."""
+    from tests.redisd import RedisServer  # here: redisd imports free_port from this module
+
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

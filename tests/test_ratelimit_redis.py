@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
 from teraproxy.ratelimit import BACKEND, IN_FLIGHT, REQUESTS, TOKENS, KeyLimits
 from teraproxy.ratelimit_redis import RedisLimiter
 from tests.redisd import RedisServer
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

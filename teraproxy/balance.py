@@ -34,31 +34,34 @@ from teraproxy.upstreams import Replica
 SATURATED_KV = 0.95
 
 
-def demand(r: Replica, now: float) -> int:
-    rep = r.report
-    if rep is None or now - rep.at > r.stale_after:
-        return r.in_flight
-    return max(r.in_flight, rep.running + rep.waiting + r.in_flight - rep.in_flight)
-
-
 def _fresh(r: Replica, now: float) -> LoadReport | None:
     rep = r.report
     return rep if rep is not None and now - rep.at <= r.stale_after else None
+
+
+def _reported(r: Replica, rep: LoadReport) -> int:
+    """The replica's own running + waiting, plus what this proxy sent (or finished) since the report;
+    never less than this proxy's own in-flight count."""
+    return max(r.in_flight, rep.running + rep.waiting + r.in_flight - rep.in_flight)
+
+
+def demand(r: Replica, now: float) -> int:
+    rep = _fresh(r, now)
+    return r.in_flight if rep is None else _reported(r, rep)
 
 
 def _load(r: Replica, now: float) -> float:
     rep = _fresh(r, now)
     if rep is None:
         return (r.in_flight + 1) / r.effective_weight(now)
-    n = max(r.in_flight, rep.running + rep.waiting + r.in_flight - rep.in_flight)
-    return (n + 1) * (1.0 + (rep.kv or 0.0)) / r.effective_weight(now)
+    return (_reported(r, rep) + 1) * (1.0 + (rep.kv or 0.0)) / r.effective_weight(now)
 
 
 def _timed(r: Replica, now: float) -> float:
     """Expected time in the replica for one more request (Little's law): demand / completion rate."""
     rep = r.report
     assert rep is not None and rep.rate is not None
-    n = max(r.in_flight, rep.running + rep.waiting + r.in_flight - rep.in_flight)
+    n = _reported(r, rep)
     if n == 0:
         return 0.0
     if rep.rate <= 0:
@@ -72,9 +75,8 @@ def _rated(r: Replica, now: float) -> bool:
 
 
 def saturated(r: Replica, now: float) -> bool:
-    rep = r.report
-    return rep is not None and now - rep.at <= r.stale_after and (
-        rep.waiting > 0 or (rep.kv or 0.0) >= SATURATED_KV)
+    rep = _fresh(r, now)
+    return rep is not None and (rep.waiting > 0 or (rep.kv or 0.0) >= SATURATED_KV)
 
 
 def pick(replicas: Sequence[Replica], exclude: Sequence[Replica], now: float,

@@ -30,7 +30,7 @@ import aiohttp
 import orjson
 
 from teraproxy.config import Config
-from teraproxy.upstreams import Replica
+from teraproxy.upstreams import Replica, ReplicaTasks
 
 log = logging.getLogger("teraproxy.health")
 
@@ -64,7 +64,7 @@ class HealthChecker:
     def __init__(self, config: Config, session: aiohttp.ClientSession, rng: random.Random | None = None) -> None:
         self.session = session
         self.rng = rng or random.Random()
-        self.tasks: dict[int, asyncio.Task[None]] = {}  # by id() of the watched Replica
+        self.tasks = ReplicaTasks("health")
         self.tls: dict[tuple[str, int, bool], ssl.SSLContext] = {}  # https replicas' contexts (app.py fills it)
         self.configure(config)
 
@@ -76,28 +76,19 @@ class HealthChecker:
     def sync(self, replicas: Iterable[Replica]) -> None:
         """Watch every replica of the live table that is not watched yet (all of them at start-up)."""
         if not self.cfg.enabled:
-            for key in list(self.tasks):
-                self.tasks.pop(key).cancel()
+            self.tasks.cancel_all()
             for r in replicas:
                 if not r.up:  # checks were switched off by a reload: trust it, as at a start without them
                     r.up, r.reason = True, "health checks disabled"
             return
         for r in replicas:
-            if id(r) not in self.tasks:
-                task = asyncio.get_running_loop().create_task(self._watch(r), name=f"health:{r.url}")
-                self.tasks[id(r)] = task
+            self.tasks.watch(r, self._watch)
 
     def unwatch(self, r: Replica) -> None:
-        task = self.tasks.pop(id(r), None)
-        if task is not None:
-            task.cancel()
+        self.tasks.unwatch(r)
 
     async def stop(self) -> None:
-        tasks = list(self.tasks.values())
-        self.tasks.clear()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.tasks.stop()
 
     async def _watch(self, r: Replica) -> None:
         ok_run = fail_run = 0

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from teraproxy.config import LoadConfig
+from teraproxy.upstreams import ReplicaTasks
 
 if TYPE_CHECKING:
     from teraproxy.upstreams import Replica
@@ -128,7 +129,7 @@ class LoadReporter:
         self.replicas = tuple(replicas)
         self.session = session
         self.rng = rng or random.Random()
-        self.tasks: dict[int, asyncio.Task[None]] = {}  # by id() of the scraped Replica
+        self.tasks = ReplicaTasks("load")
         self._timeout = aiohttp.ClientTimeout(total=cfg.timeout)
 
     def start(self) -> None:
@@ -139,21 +140,13 @@ class LoadReporter:
         if not self.cfg.enabled:
             return
         for r in replicas:
-            if id(r) not in self.tasks:
-                self.tasks[id(r)] = asyncio.get_running_loop().create_task(self._watch(r),
-                                                                           name=f"load:{r.url}")
+            self.tasks.watch(r, self._watch)
 
     def unwatch(self, r: Replica) -> None:
-        task = self.tasks.pop(id(r), None)
-        if task is not None:
-            task.cancel()
+        self.tasks.unwatch(r)
 
     async def stop(self) -> None:
-        tasks = list(self.tasks.values())
-        self.tasks.clear()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.tasks.stop()
 
     async def _watch(self, r: Replica) -> None:
         await asyncio.sleep(self.rng.uniform(0, self.cfg.interval))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -302,3 +302,36 @@ def link_queues(table: dict[str, ModelPool]) -> None:
 def unique_replicas(table: dict[str, ModelPool]) -> list[Replica]:
     """Every replica of the table once (a server listed under two models is one replica)."""
     return list({r.url: r for pool in table.values() for r in pool.replicas}.values())
+
+
+class ReplicaTasks:
+    """One owned, named task per watched replica (its health checks, its load scrapes): started once,
+    cancelled by ``unwatch`` when a reload removes the replica, all cancelled and awaited by ``stop``."""
+
+    __slots__ = ("_tasks", "prefix")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._tasks: dict[int, asyncio.Task[None]] = {}  # by id() of the Replica
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def watch(self, r: Replica, job: Callable[[Replica], Coroutine[Any, Any, None]]) -> None:
+        if id(r) not in self._tasks:
+            self._tasks[id(r)] = asyncio.get_running_loop().create_task(job(r), name=f"{self.prefix}:{r.url}")
+
+    def unwatch(self, r: Replica) -> None:
+        task = self._tasks.pop(id(r), None)
+        if task is not None:
+            task.cancel()
+
+    def cancel_all(self) -> list[asyncio.Task[None]]:
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for t in tasks:
+            t.cancel()
+        return tasks
+
+    async def stop(self) -> None:
+        await asyncio.gather(*self.cancel_all(), return_exceptions=True)

@@ -42,7 +42,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import loadgen  # noqa: E402
-from bench.compare import MODEL, Procs, cpu_seconds, free_port, process_tree, wait_http  # noqa: E402
+from bench.procs import Procs, cpu_seconds, free_port, process_tree, wait_http  # noqa: E402
+from bench.targets import MODEL  # noqa: E402
 from teraproxy.auth import hash_key  # noqa: E402
 
 KEY = "sk-bench"

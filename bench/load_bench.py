@@ -38,9 +38,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import loadgen  # noqa: E402
-from bench.compare import Procs, cpu_seconds, free_port, probe_chat, process_tree, wait_http  # noqa: E402
+from bench.procs import Procs, cpu_seconds, free_port, process_tree, wait_http  # noqa: E402
+from bench.targets import MODEL, probe_chat  # noqa: E402
 
-MODEL = "Qwen/Qwen3-8B"
 PY = sys.executable
 
 

@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import compare  # noqa: E402
+from bench.procs import Procs, cpu_seconds, process_tree, raise_nofile  # noqa: E402
+from bench.targets import LABEL, MODEL, Target, ensure_nginx, start_phase  # noqa: E402
 
 VARIANTS = ("direct", "nginx", "teraproxy", "direct_rc", "teraproxy_rw")
 _LUA = """wrk.method = "POST"
@@ -45,7 +46,7 @@ _SOCKERR = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), t
 
 
 def lua_script(path: Path, max_tokens: int) -> Path:
-    body = orjson.dumps({"model": compare.MODEL, "max_tokens": max_tokens,
+    body = orjson.dumps({"model": MODEL, "max_tokens": max_tokens,
                          "messages": [{"role": "user", "content": "Why is the sky blue?"}]}).decode()
     path.write_text(_LUA.format(body="'" + body.replace("\\", "\\\\").replace("'", "\\'") + "'"))
     return path
@@ -70,12 +71,12 @@ def run_wrk(wrk: str, url: str, script: Path, connections: int, duration: float,
     return subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=True).stdout
 
 
-def measure(wrk: str, target: compare.Target, script: Path, a: argparse.Namespace, pin: bool) -> dict[str, float]:
-    pids = compare.process_tree(target.proxy.pid) if target.proxy else []
+def measure(wrk: str, target: Target, script: Path, a: argparse.Namespace, pin: bool) -> dict[str, float]:
+    pids = process_tree(target.proxy.pid) if target.proxy else []
     run_wrk(wrk, target.url, script, a.connections, 1, pin)  # warm-up: connections, pools, caches
-    c0, t0 = compare.cpu_seconds(pids), time.perf_counter()
+    c0, t0 = cpu_seconds(pids), time.perf_counter()
     out = run_wrk(wrk, target.url, script, a.connections, a.duration, pin)
-    cpu, wall = compare.cpu_seconds(pids) - c0, time.perf_counter() - t0
+    cpu, wall = cpu_seconds(pids) - c0, time.perf_counter() - t0
     n, bad = parse_wrk(out)
     return {"requests": n, "errors": bad, "requests_per_s": n / wall,
             "proxy_cpu_us_per_request": cpu / n * 1e6 if pids and n else float("nan")}
@@ -89,7 +90,7 @@ def table(rows: dict[str, list[dict[str, float]]]) -> str:
     for v, m in med.items():
         us = m["proxy_cpu_us_per_request"]
         ratio = f"{us / base:.2f}×" if base and us == us else "–"
-        lines.append(f"| {compare.LABEL[v]} | {m['requests_per_s']:.0f} | {m['errors']:.0f} | "
+        lines.append(f"| {LABEL[v]} | {m['requests_per_s']:.0f} | {m['errors']:.0f} | "
                      f"{'–' if us != us else f'{us:.0f}'} | {ratio} |")
     return "\n".join(lines)
 
@@ -126,14 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"wrk_bench: unknown variant(s) {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
-    nginx = compare.ensure_nginx(install=not a.no_install) if "nginx" in variants else None
+    nginx = ensure_nginx(install=not a.no_install) if "nginx" in variants else None
     pin = not a.no_pin and (os.cpu_count() or 1) >= 2
-    compare.raise_nofile()
+    raise_nofile()
     run_dir = Path(tempfile.mkdtemp(prefix="teraproxy-wrk-"))
-    procs = compare.Procs(run_dir, pin)
+    procs = Procs(run_dir, pin)
     rows: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     try:
-        targets = compare.start_phase(procs, run_dir, "fast", nginx, a.access_log == "on")
+        targets = start_phase(procs, run_dir, "fast", nginx, a.access_log == "on")
         script = lua_script(run_dir / "chat.lua", a.max_tokens)
         for rnd in range(a.rounds):
             order = variants[rnd % len(variants):] + variants[:rnd % len(variants)]

@@ -42,6 +42,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import loadgen  # noqa: E402
+from bench.lgclient import Options  # noqa: E402
 from bench.procs import Procs, cpu_seconds, free_port, process_tree, wait_http  # noqa: E402
 from bench.targets import MODEL  # noqa: E402
 from teraproxy.auth import hash_key  # noqa: E402
@@ -134,7 +135,7 @@ def measure(url: str, pid: int, args: argparse.Namespace) -> dict[str, Any]:
     def on_window(what: str) -> None:
         marks[what] = cpu_seconds(pids)
 
-    opts = loadgen.Options(url=url, model=MODEL, key=KEY, concurrency=args.concurrency, duration=args.duration,
+    opts = Options(url=url, model=MODEL, key=KEY, concurrency=args.concurrency, duration=args.duration,
                            stream=False, max_tokens=64, warmup=1.0, quiet=True, on_window=on_window)
     res = loadgen.run_sync(opts)
     s = res.summary()

@@ -38,6 +38,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import loadgen  # noqa: E402
+from bench.lgclient import Options  # noqa: E402
+from bench.lgstats import percentiles  # noqa: E402
 from bench.procs import Procs, cpu_seconds, free_port, process_tree, wait_http  # noqa: E402
 from bench.targets import MODEL, probe_chat  # noqa: E402
 
@@ -75,7 +77,7 @@ def _ms(v: float | None) -> float | None:
 
 # -- scenario 1: load-aware routing -----------------------------------------------------------------
 async def _routing_round(bases: list[str], concurrency: int, duration: float) -> dict[str, Any]:
-    opts = [loadgen.Options(url=b, model=MODEL, concurrency=concurrency, duration=duration, stream=True,
+    opts = [Options(url=b, model=MODEL, concurrency=concurrency, duration=duration, stream=True,
                             max_tokens=32, warmup=2.0, ramp=1.0, quiet=True, timeout=60) for b in bases]
     results = await asyncio.gather(*(loadgen.run(o) for o in opts))
     ttft: list[float] = []
@@ -90,7 +92,7 @@ async def _routing_round(bases: list[str], concurrency: int, duration: float) ->
         done += s["window_completed"]
         window = max(window, s["window_s"])
         errors += s["errors_total"]
-    p = loadgen.percentiles(ttft)
+    p = percentiles(ttft)
     return {"ttft_p50_ms": _ms(p["p50"]), "ttft_p90_ms": _ms(p["p90"]), "ttft_p99_ms": _ms(p["p99"]),
             "requests_per_s": round(done / window, 1) if window else None, "requests": len(ttft), "errors": errors}
 
@@ -136,7 +138,7 @@ async def _solo(base: str, key: str, n: int, every: float) -> list[float]:
 async def _fair_round(base: str, flood: int, n: int) -> dict[str, Any]:
     res: Any = None
     if flood:
-        opts = loadgen.Options(url=base, model=MODEL, key="sk-flood", concurrency=flood, duration=n + 3.0,
+        opts = Options(url=base, model=MODEL, key="sk-flood", concurrency=flood, duration=n + 3.0,
                                stream=True, max_tokens=32, warmup=1.0, ramp=0.5, quiet=True, timeout=120)
         task = asyncio.create_task(loadgen.run(opts))
         await asyncio.sleep(2.0)  # the flood is established
@@ -147,7 +149,7 @@ async def _fair_round(base: str, flood: int, n: int) -> dict[str, Any]:
         s = res.summary()
         row["flood_requests_per_s"] = round(s["requests_per_s"], 1) if s["requests_per_s"] else None
         row["flood_ttft_p50_ms"] = _ms(s["ttft"]["p50"])
-    p = loadgen.percentiles(solo)
+    p = percentiles(solo)
     return {"solo_ttft_p50_ms": _ms(p["p50"]), "solo_ttft_p99_ms": _ms(p["p99"]), "solo_requests": len(solo), **row}
 
 
@@ -184,7 +186,7 @@ def cpu(procs: Procs, run: Path, duration: float) -> list[dict[str, Any]]:
         def mark(what: str, marks: dict[str, float] = marks, pids: list[int] = pids) -> None:
             marks[what] = cpu_seconds(pids)
 
-        opts = loadgen.Options(url=base, model=MODEL, concurrency=32, duration=duration, max_tokens=16,
+        opts = Options(url=base, model=MODEL, concurrency=32, duration=duration, max_tokens=16,
                                warmup=1.0, quiet=True, on_window=mark)
         s = loadgen.run_sync(opts).summary()
         used = marks["end"] - marks["start"]

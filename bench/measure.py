@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench import loadgen
+from bench.lgclient import Options
 from bench.procs import cpu_seconds, peak_rss_mib, process_tree, reset_peak_rss, self_cpu_seconds
 from bench.targets import MODEL, Target
 
@@ -65,7 +66,7 @@ def measure(target: Target, sc: Scenario, rnd: int, timeout: float) -> dict[str,
     def on_window(what: str) -> None:
         marks[what] = (time.perf_counter(), cpu_seconds(proxy_pids), cpu_seconds(up_pids), self_cpu_seconds())
 
-    opts = loadgen.Options(
+    opts = Options(
         url=target.url,
         model=MODEL,
         concurrency=sc.concurrency,

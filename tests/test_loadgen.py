@@ -20,17 +20,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import loadgen  # noqa: E402
-from bench.loadgen import (  # noqa: E402
-    CONTENT,
-    REASONING,
-    Options,
-    analyze_reads,
-    classify_frame,
-    is_done_frame,
-    percentile,
-    percentiles,
-    stream_error_kind,
-)
+from bench.lgclient import Options  # noqa: E402
+from bench.lgframes import CONTENT, REASONING, analyze_reads, classify_frame, is_done_frame, stream_error_kind  # noqa: E402
+from bench.lgreport import format_summary  # noqa: E402
+from bench.lgstats import Results, percentile, percentiles  # noqa: E402
 
 MODEL = "Qwen/Qwen3-8B"
 
@@ -217,7 +210,7 @@ def sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
             stop_process(p)
 
 
-def _run(**kw: object) -> loadgen.Results:
+def _run(**kw: object) -> Results:
     opts = Options(**{"model": MODEL, "quiet": True, "timeout": 20, **kw})  # type: ignore[arg-type]
     return loadgen.run_sync(opts)
 
@@ -285,7 +278,7 @@ def test_e2e_error_kinds(sims: dict[str, str]) -> None:
     assert res.errors() == {"disconnected": 4}
     res = _run(url="http://127.0.0.1:" + str(_free_port()) + "/v1", concurrency=2, requests=3)
     assert res.errors() == {"connect": 3}
-    assert "connect" in loadgen.format_summary(res)
+    assert "connect" in format_summary(res)
 
 
 def test_cli_prints_table_and_writes_json(sims: dict[str, str], tmp_path: Path) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import socket
 import statistics
@@ -43,7 +42,7 @@ if str(REPO) not in sys.path:
 
 from bench import loadgen  # noqa: E402
 from bench.lgclient import Options  # noqa: E402
-from bench.procs import Procs, cpu_seconds, free_port, process_tree, wait_http  # noqa: E402
+from bench.procs import Procs, child_env, cpu_seconds, free_port, process_tree, wait_http  # noqa: E402
 from bench.targets import MODEL  # noqa: E402
 from teraproxy.auth import hash_key  # noqa: E402
 
@@ -144,62 +143,38 @@ def measure(url: str, pid: int, args: argparse.Namespace) -> dict[str, Any]:
             "cpu_us_per_request": (marks["end"] - marks["start"]) / done * 1e6 if done else None}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--duration", type=float, default=4.0)
-    ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    args = ap.parse_args(argv)
-    redis_exe = shutil.which("redis-server")
-    if redis_exe is None:
-        print("redis-server is not installed (apt-get install -y redis-server)", file=sys.stderr)
-        return 2
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+def start_targets(procs: Procs, run_dir: Path, redis_exe: str) -> tuple[dict[str, tuple[str, int]], int]:
+    """Redis, the sim and one teraproxy per variant, each checked; {variant: (url, pid)} and the Redis port."""
+    env = child_env()
     py = sys.executable
-    with tempfile.TemporaryDirectory(prefix="teraproxy-limits-") as tmp:
-        run_dir = Path(tmp)
-        procs = Procs(run_dir, pin=True)
+    redis_port, sim_port = free_port(), free_port()
+    procs.start("redis", [redis_exe, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no"], cpu=0)
+    sim = procs.start("sim", [py, "-m", "teraproxy", "sim", "--port", str(sim_port), "--model", MODEL,
+                              "--reasoning-field", "none", "--ttft", "0", "--itl", "0", "--tokens", "64"],
+                      cpu=0, env=env)
+    wait_http(f"http://127.0.0.1:{sim_port}/health", sim, "sim")
+    targets: dict[str, tuple[str, int]] = {}
+    for name in VARIANTS:
+        port = free_port()
+        conf = proxy_conf(run_dir, name, port, sim_port, redis_port)
+        p = procs.start(name, [py, "-m", "teraproxy", "serve", "--config", str(conf)], cpu=1, env=env)
+        url = f"http://127.0.0.1:{port}/v1"
         try:
-            redis_port, sim_port = free_port(), free_port()
-            procs.start("redis", [redis_exe, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "no"], cpu=0)
-            sim = procs.start("sim", [py, "-m", "teraproxy", "sim", "--port", str(sim_port), "--model", MODEL,
-                                      "--reasoning-field", "none", "--ttft", "0", "--itl", "0", "--tokens", "64"],
-                              cpu=0, env=env)
-            wait_http(f"http://127.0.0.1:{sim_port}/health", sim, "sim")
-            targets: dict[str, tuple[str, int]] = {}
-            for name in VARIANTS:
-                port = free_port()
-                conf = proxy_conf(run_dir, name, port, sim_port, redis_port)
-                p = procs.start(name, [py, "-m", "teraproxy", "serve", "--config", str(conf)], cpu=1, env=env)
-                url = f"http://127.0.0.1:{port}/v1"
-                try:
-                    headers = probe(url)
-                except OSError as e:
-                    raise RuntimeError(f"{name}: {e}\n{procs.log_tail(name)}") from None
-                limited = "x-ratelimit-limit-requests" in headers
-                if limited != (name != "unlimited"):
-                    raise RuntimeError(f"{name}: x-ratelimit headers {'present' if limited else 'missing'}")
-                targets[name] = (url, p.pid)
-            if redis_dbsize(redis_port) < 1:
-                raise RuntimeError("the redis variant left no state in Redis")
-            import uvloop
+            headers = probe(url)
+        except OSError as e:
+            raise RuntimeError(f"{name}: {e}\n{procs.log_tail(name)}") from None
+        limited = "x-ratelimit-limit-requests" in headers
+        if limited != (name != "unlimited"):
+            raise RuntimeError(f"{name}: x-ratelimit headers {'present' if limited else 'missing'}")
+        targets[name] = (url, p.pid)
+    if redis_dbsize(redis_port) < 1:
+        raise RuntimeError("the redis variant left no state in Redis")
+    return targets, redis_port
 
-            added = uvloop.run(_added_cpu(f"redis://127.0.0.1:{redis_port}/0"))
-            print("limiter work alone, CPU per request:", ", ".join(f"{k} {v:.1f} µs" for k, v in added.items()))
-            rows: list[dict[str, Any]] = []
-            for rnd in range(args.rounds):
-                for name in VARIANTS:
-                    url, pid = targets[name]
-                    m = measure(url, pid, args)
-                    m.update(variant=name, round=rnd)
-                    rows.append(m)
-                    print(f"round {rnd + 1} {name:10s} {m['requests_per_s']:8.0f} req/s  "
-                          f"{m['cpu_us_per_request'] or 0:7.1f} us/request  errors {m['errors']}", flush=True)
-        finally:
-            procs.stop_all()
+
+def report(rows: list[dict[str, Any]], added: dict[str, float]) -> tuple[str, dict[str, Any]]:
+    """The markdown table and the JSON document of the rounds."""
     per = {v: [r["cpu_us_per_request"] for r in rows if r["variant"] == v and r["cpu_us_per_request"]]
            for v in VARIANTS}
     med = {v: statistics.median(x) for v, x in per.items()}
@@ -217,11 +192,44 @@ def main(argv: list[str] | None = None) -> int:
     lines.append("")
     lines.append("The limiter's own work per request, measured in-process (admit, headers, finish; 64 at a time): "
                  + ", ".join(f"{label[k]} {v:.1f} µs" for k, v in added.items()) + ".")
-    table = "\n".join(lines)
+    return "\n".join(lines), {"rows": rows, "median": med, "min": low, "limiter_alone_us": added}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=4.0)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args(argv)
+    redis_exe = shutil.which("redis-server")
+    if redis_exe is None:
+        print("redis-server is not installed (apt-get install -y redis-server)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="teraproxy-limits-") as tmp:
+        run_dir = Path(tmp)
+        procs = Procs(run_dir, pin=True)
+        try:
+            targets, redis_port = start_targets(procs, run_dir, redis_exe)
+            import uvloop
+
+            added = uvloop.run(_added_cpu(f"redis://127.0.0.1:{redis_port}/0"))
+            print("limiter work alone, CPU per request:", ", ".join(f"{k} {v:.1f} µs" for k, v in added.items()))
+            rows: list[dict[str, Any]] = []
+            for rnd in range(args.rounds):
+                for name in VARIANTS:
+                    url, pid = targets[name]
+                    m = measure(url, pid, args)
+                    m.update(variant=name, round=rnd)
+                    rows.append(m)
+                    print(f"round {rnd + 1} {name:10s} {m['requests_per_s']:8.0f} req/s  "
+                          f"{m['cpu_us_per_request'] or 0:7.1f} us/request  errors {m['errors']}", flush=True)
+        finally:
+            procs.stop_all()
+    table, doc = report(rows, added)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    doc = {"rows": rows, "median": med, "min": low, "limiter_alone_us": added}
     (args.out / f"limits-{stamp}.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     (args.out / f"limits-{stamp}.md").write_text(table + "\n")
     return 0

@@ -18,3 +18,25 @@ def test_ruff() -> None:
     r = subprocess.run([sys.executable, "-m", "ruff", "check", "."], capture_output=True, text=True, cwd=ROOT,
                        timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _over_budget(folder: str, file_lines: int = 600, function_lines: int = 60) -> list[str]:
+    import ast
+
+    out = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        text = path.read_text()
+        name = path.relative_to(ROOT)
+        if text.count("\n") > file_lines:
+            out.append(f"{name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = (node.end_lineno or node.lineno) - node.lineno + 1
+                if n > function_lines:
+                    out.append(f"{name}:{node.lineno} {node.name}: {n} lines")
+    return out
+
+
+def test_bench_size_budget() -> None:
+    """bench/ is held to the project's budgets: files ≤ 600 lines, functions ≤ 60 lines."""
+    assert _over_budget("bench") == []

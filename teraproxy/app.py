@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import ssl
@@ -216,11 +217,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         reporter.start()
 
         def swapped(snap: Snapshot) -> None:
-            checker.configure(snap.config)
+            cfg = snap.config
+            checker.configure(cfg)
             checker.sync(snap.replicas)
             _replica_tls(proxy, snap)
-            reporter.sync(snap.replicas)
+            reporter.configure(cfg.load, snap.replicas)
             proxy.configure(snap)
+            proxy.client.configure(cfg.upstream.max_connections, cfg.upstream.keepalive, cfg.timeouts.connect)
+            app[ACCESS].max_buffer = cfg.log.access_log_buffer
+            logging.getLogger().setLevel(cfg.log.level.upper())
 
         def retired(r: Replica) -> None:
             checker.unwatch(r)

@@ -410,6 +410,14 @@ class Client:
         self._poller = select.poll()  # for _Conn.stale
         self.closed = False
 
+    def configure(self, limit: int, keepalive: float, connect_timeout: float) -> None:
+        """A reload's upstream settings; a raised limit goes to whoever waits for a connection."""
+        self.keepalive, self.connect_timeout = keepalive, connect_timeout
+        self.limit = limit
+        while self.open < self.limit and self._someone_waits():
+            self.open += 1
+            self._freed()  # hands the new slot to the first live waiter
+
     async def request(self, origin: Origin, head: bytes, body: bytes, headers_timeout: float,
                       idle: float) -> Exchange:
         """Send one request; returns once response headers are in. Raises PoolBusy (nothing was

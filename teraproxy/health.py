@@ -19,7 +19,6 @@ loses its task through ``unwatch()`` once its requests are done); settings are r
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import ssl
@@ -66,10 +65,13 @@ class HealthChecker:
         self.rng = rng or random.Random()
         self.tasks = ReplicaTasks("health")
         self.tls: dict[tuple[str, int, bool], ssl.SSLContext] = {}  # https replicas' contexts (app.py fills it)
+        self.cfg = config.health
         self.configure(config)
 
     def configure(self, config: Config) -> None:
-        self.cfg = config.health
+        old, self.cfg = self.cfg, config.health
+        if old.interval != self.cfg.interval:
+            self.tasks.nudge()  # a check now, then at the new interval
         self.warmup_timeout = config.timeouts.headers
         self._timeout = aiohttp.ClientTimeout(total=self.cfg.timeout)
 
@@ -92,14 +94,14 @@ class HealthChecker:
 
     async def _watch(self, r: Replica) -> None:
         ok_run = fail_run = 0
-        await asyncio.sleep(self.rng.uniform(0, min(0.25, self.cfg.interval)))
+        await self.tasks.pause(self.rng.uniform(0, min(0.25, self.cfg.interval)))
         while True:
             try:
                 ok_run, fail_run = await self._step(r, ok_run, fail_run)
             except Exception:  # a bug must never end the watch: the replica would freeze in its state
                 log.exception("health check of %s failed unexpectedly", r.url)
                 fail_run, ok_run = fail_run + 1, 0
-            await asyncio.sleep(self.cfg.interval * self.rng.uniform(0.85, 1.15))
+            await self.tasks.pause(self.cfg.interval * self.rng.uniform(0.85, 1.15))
 
     async def _step(self, r: Replica, ok_run: int, fail_run: int) -> tuple[int, int]:
         """One check and its consequences; returns the updated (ok_run, fail_run)."""

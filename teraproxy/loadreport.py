@@ -17,7 +17,6 @@ runs per request.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import random
@@ -135,6 +134,19 @@ class LoadReporter:
     def start(self) -> None:
         self.sync(self.replicas)
 
+    def configure(self, cfg: LoadConfig, replicas: Iterable[Replica]) -> None:
+        """A reload's ``load`` settings: scraping starts or stops, a new interval applies at once."""
+        old, self.cfg = self.cfg, cfg
+        self._timeout = aiohttp.ClientTimeout(total=cfg.timeout)
+        if not cfg.enabled:
+            self.tasks.cancel_all()
+            for r in replicas:
+                r.report = None  # not refreshed any more: the balancer goes by its own in-flight counts
+            return
+        if (old.interval, old.path) != (cfg.interval, cfg.path):
+            self.tasks.nudge()
+        self.sync(replicas)
+
     def sync(self, replicas: Iterable[Replica]) -> None:
         """Scrape every replica not scraped yet (a reload adds some; ``unwatch`` ends a removed one's)."""
         if not self.cfg.enabled:
@@ -149,7 +161,7 @@ class LoadReporter:
         await self.tasks.stop()
 
     async def _watch(self, r: Replica) -> None:
-        await asyncio.sleep(self.rng.uniform(0, self.cfg.interval))
+        await self.tasks.pause(self.rng.uniform(0, self.cfg.interval))
         while True:
             pause = self.cfg.interval
             try:
@@ -158,7 +170,7 @@ class LoadReporter:
                     pause *= 10  # no endpoint: ask rarely
             except Exception:  # a bug must never end the watch
                 log.exception("load report of %s failed unexpectedly", r.url)
-            await asyncio.sleep(pause * self.rng.uniform(0.85, 1.15))
+            await self.tasks.pause(pause * self.rng.uniform(0.85, 1.15))
 
     async def scrape(self, r: Replica) -> bool:
         """One scrape into ``r.report``; False when the replica has no (vLLM) metrics endpoint."""

@@ -10,8 +10,6 @@ decision); a key with no limits costs one dict lookup; the 429 says which limit 
 
 from __future__ import annotations
 
-import logging
-
 from teraproxy.config import Config, KeyConfig
 from teraproxy.errors import RateLimited, RateLimitUnavailable
 from teraproxy.ratelimit import (
@@ -27,8 +25,6 @@ from teraproxy.ratelimit import (
     retry_after_header,
 )
 from teraproxy.usage import Usage, UsageTap, estimate_prompt
-
-log = logging.getLogger("teraproxy.ratelimit")
 
 
 class Quota:
@@ -60,10 +56,7 @@ def build_quota(config: Config, previous: Quota | None = None) -> Quota:
     by_key = {k.name: KeyLimits(k.requests_per_minute, k.tokens_per_minute, k.max_in_flight)
               for k in config.auth.keys if k.limited}
     backend = (rl.backend, rl.redis_url, rl.on_backend_error, rl.redis_timeout, rl.lease_ttl)
-    if previous is not None:
-        if previous.backend != backend:
-            log.warning("reload: ratelimit backend settings changed; they need a restart (still using %s)",
-                        previous.backend[0])
+    if previous is not None:  # the backend settings are restart-only (runtime.RESTART_ONLY pins them)
         previous.limiter.configure(by_key)
         return Quota(previous.limiter, by_key, previous.backend, rl.meter_streams)
     limiter: Limiter

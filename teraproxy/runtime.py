@@ -17,8 +17,8 @@ Invariants:
 - a replica that a reload removes is marked ``retired`` at the swap: it takes no new attempt, not even
   from a request still holding the old snapshot; its in-flight requests and streams finish, and once
   none is left the ``on_retired`` hooks close its health task and its idle connections;
-- listen addresses cannot change without a restart: a reload that changes one keeps the old sockets
-  and the old value, with a warning naming the key.
+- listen addresses (and the other RESTART_ONLY keys) cannot change without a restart: a reload that
+  changes one keeps the old sockets and the old value, with a warning naming the key.
 """
 
 from __future__ import annotations
@@ -44,8 +44,12 @@ from teraproxy.upstreams import ASSUMED_UP, PENDING, ModelPool, Replica, build_t
 
 log = logging.getLogger("teraproxy.runtime")
 
-# Keys a reload cannot apply (the sockets are bound once); a change is warned about and undone.
-RESTART_ONLY = ("listen", "admin_listen", "listen_reuse_port")
+# Keys a reload cannot apply, each with one warning naming it, the running value kept: the sockets are
+# bound once (and the server's keep-alive timeout is fixed with them), the access-log stream is chosen
+# at start-up, the rate limiter's backend holds its budgets and connection. (tls on/off: see below.)
+RESTART_ONLY = ("listen", "admin_listen", "listen_reuse_port", "timeouts.keepalive", "log.access_log",
+                "ratelimit.backend", "ratelimit.redis_url", "ratelimit.on_backend_error",
+                "ratelimit.redis_timeout", "ratelimit.lease_ttl")
 _REAP_EVERY = 0.2  # seconds between looks at retired replicas' in-flight counts
 
 
@@ -137,20 +141,31 @@ def file_sha256(path: str | Path) -> str:
         return ""
 
 
+def _get(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _put(config: Any, key: str, value: Any) -> Any:
+    """``config`` with the (dotted) ``key`` set to ``value``; frozen dataclasses all the way down."""
+    head, _, rest = key.partition(".")
+    return dataclasses.replace(config, **{head: _put(getattr(config, head), rest, value) if rest else value})
+
+
 def _pin_restart_only(new: Config, old: Config) -> tuple[Config, list[str]]:
     """The new config with the keys a reload cannot change put back to their running values."""
-    warnings, fixed = [], {}
+    warnings = []
     for key in RESTART_ONLY:
-        was, now = getattr(old, key), getattr(new, key)
+        was, now = _get(old, key), _get(new, key)
         if was != now:
-            warnings.append(f"{key}: changed from {was} to {now}, which needs a restart; "
-                            f"still serving on {was}")
-            fixed[key] = was
+            warnings.append(f"{key}: changed from {was} to {now}, which needs a restart; keeping {was}")
+            new = _put(new, key, was)
     if (old.tls is None) != (new.tls is None):  # a new certificate is fine, switching TLS on or off is not
         warnings.append(f"tls: {'added' if new.tls else 'removed'}, which needs a restart; keeping "
                         f"{'plain HTTP' if old.tls is None else 'TLS'} on {old.listen}")
-        fixed["tls"] = old.tls
-    return (dataclasses.replace(new, **fixed) if fixed else new), warnings
+        new = dataclasses.replace(new, tls=old.tls)
+    return new, warnings
 
 
 class Reloader:
@@ -198,6 +213,9 @@ class Reloader:
             log.warning("reload: %s", w)
         new = build(config, sha, live.current, tuple(live.retiring.values()), self.clock)
         removed = live.swap(new)
+        for pool in new.table.values():  # a raised max_in_flight (or a replica back) admits waiters now
+            if pool.queue is not None:
+                pool.queue.freed()
         live.reloads += 1
         live.last_reload_ok = new.loaded_at
         live.last_error = []

@@ -20,6 +20,7 @@ has passed the breaker's trial: its breaker closes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -211,6 +212,10 @@ class Replica:
                 "age": round(now - rep.at, 3), "stale": now - rep.at > self.stale_after}
 
 
+def _no_cap() -> int:
+    return NO_CAP
+
+
 ReplicaFactory = Callable[[ReplicaConfig, tuple[str, ...], Config, Callable[[], float]], Replica]
 
 
@@ -233,7 +238,11 @@ class ModelPool:
         """After a reload: keep the previous pool's queue, so requests waiting in it are admitted by
         the new pool's capacity-freed events (the replicas, and so their in-flight counts, carry over)."""
         old = previous.queue
-        if old is None or self.queue is None:
+        if old is None:
+            return
+        if self.queue is None:  # no replica is capped any more: whoever waits goes now
+            old.room = _no_cap
+            old.freed()
             return
         old.room = self.room
         old.q.max_size, old.q.timeout = self.queue.q.max_size, self.queue.q.timeout
@@ -306,13 +315,28 @@ def unique_replicas(table: dict[str, ModelPool]) -> list[Replica]:
 
 class ReplicaTasks:
     """One owned, named task per watched replica (its health checks, its load scrapes): started once,
-    cancelled by ``unwatch`` when a reload removes the replica, all cancelled and awaited by ``stop``."""
+    cancelled by ``unwatch`` when a reload removes the replica, all cancelled and awaited by ``stop``.
+    A task waits between rounds in ``pause``, which ``nudge`` (a reload changed the interval) ends
+    early, so a new interval applies at once, not after the old one has run out."""
 
-    __slots__ = ("_tasks", "prefix")
+    __slots__ = ("_tasks", "_wake", "prefix")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self._tasks: dict[int, asyncio.Task[None]] = {}  # by id() of the Replica
+        self._wake = asyncio.Event()
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or until ``nudge``."""
+        wake = self._wake
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await wake.wait()
+
+    def nudge(self) -> None:
+        """End every task's current pause (each then starts its next round with the new settings)."""
+        self._wake.set()
+        self._wake = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._tasks)

@@ -40,7 +40,7 @@ class Served:
         return self.log.read_text()
 
 
-def _raw(models: dict[str, list[Replica]], listen: str, admin: str, **over: Any) -> dict[str, Any]:
+def _raw(models: dict[str, list[Replica]], listen: str, admin: str, /, **over: Any) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "listen": listen, "admin_listen": admin, "auth": "off", "log": {"access_log": False},
         "health": {"interval": "100ms", "rise": 1, "warmup": False, "timeout": "1s"},
@@ -61,7 +61,7 @@ async def _until(pred: Any, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         await asyncio.sleep(0.02)
 
 
-async def serve(tmp_path: Path, models: dict[str, list[Replica]], procs: list[Any], **over: Any) -> Served:
+async def serve(tmp_path: Path, models: dict[str, list[Replica]], procs: list[Any], /, **over: Any) -> Served:
     path = tmp_path / "teraproxy.yaml"
     raw = _raw(models, f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", **over)
     write_config(path, raw)

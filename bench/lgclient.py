@@ -53,6 +53,7 @@ class Options:
     extra: dict[str, Any] = field(default_factory=dict)
     quiet: bool = False
     progress_interval: float = 1.0
+    cacert: str | None = None  # PEM file of the CA(s) an https URL is verified against (else the system store)
     # Called (synchronously) with "start" / "end" at the measurement window
     # boundaries; compare.py samples proxy CPU time there.
     on_window: Callable[[str], None] | None = None

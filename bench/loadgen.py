@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -158,7 +159,8 @@ async def run(opts: Options) -> Results:
     headers = request_headers(opts)
     counters = Counters()
     records: list[Record] = []
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
+    tls: ssl.SSLContext | bool = ssl.create_default_context(cafile=opts.cacert) if opts.cacert else True
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ssl=tls)
     timeout = aiohttp.ClientTimeout(total=opts.timeout, sock_connect=min(opts.timeout, 30.0))
     clock = time.perf_counter
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
@@ -219,6 +221,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, argparse.Nam
     ap.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8080/v1")
     ap.add_argument("--model", help="model id (default: first of GET /models)")
     ap.add_argument("--key", help="API key, sent as Authorization: Bearer KEY")
+    ap.add_argument("--cacert", help="PEM file of the CA to verify an https URL against (default: system store)")
     ap.add_argument("--concurrency", "-c", type=int, default=8, help="parallel requests (closed loop)")
     ap.add_argument("--duration", "-d", type=float, help="seconds to send requests for (after warm-up)")
     ap.add_argument("--requests", "-n", type=int, help="total requests to send")
@@ -263,6 +266,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, argparse.Nam
         ignore_eos=a.ignore_eos,
         extra=extra,
         quiet=a.quiet,
+        cacert=a.cacert,
     )
     try:
         opts.validate()

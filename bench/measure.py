@@ -78,6 +78,7 @@ def measure(target: Target, sc: Scenario, rnd: int, timeout: float) -> dict[str,
         timeout=timeout,
         quiet=True,
         on_window=on_window,
+        cacert=target.cacert,
     )
     res = loadgen.run_sync(opts)
     s = res.summary()

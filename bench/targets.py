@@ -41,6 +41,7 @@ class Target:
     url: str  # base, .../v1
     proxy: subprocess.Popen[bytes] | None
     upstream: subprocess.Popen[bytes]
+    cacert: str | None = None  # an https url: the CA to verify it against (bench/tls_bench.py)
 
 
 def probe_chat(base: str, what: str, timeout: float = 15.0) -> None:

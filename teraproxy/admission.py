@@ -6,7 +6,11 @@ except that a lower class keeps a floor share however busy the higher ones are: 
 least one grant in every 4, ``low`` one in every 10, while they have entries. Inside the class it
 takes the next key in round robin over the keys with entries (deficit round robin with a cost of one
 request per turn: one key's 2,000 queued requests wait behind one request of every other key), and
-that key's oldest entry (FIFO within a key). Every entry carries its deadline; ``pop()`` never returns
+that key's oldest entry (FIFO within a key). A key that joins with nothing queued is a *new* key and
+is served before the keys already taking turns (FQ-CoDel's new flows, RFC 8290 §4.2): an interactive
+user's one request waits for the next free slot, not behind one more request of every busy key. After
+its turn a new key joins the round robin's end, and stays there (even with nothing queued) until its
+turn comes round, so a key cannot stay new by emptying its queue after each grant. Every entry carries its deadline; ``pop()`` never returns
 an expired one. Removal (a client that left, a timeout) is O(1): the entry is marked and skipped
 later, the counts change at once. Anonymous traffic (``auth: off``) is one key.
 
@@ -43,11 +47,13 @@ class Entry:
 
 
 class _Class:
-    __slots__ = ("keys", "ring")
+    __slots__ = ("fresh", "keys", "ring")
 
     def __init__(self) -> None:
-        self.keys: dict[str, deque[Entry]] = {}
-        self.ring: deque[str] = deque()  # keys with entries (live or not yet skipped), in turn order
+        self.keys: dict[str, deque[Entry]] = {}  # every key in ``fresh`` or ``ring`` (exactly one of them)
+        self.fresh: deque[str] = deque()  # new keys, served first, in arrival order
+        self.ring: deque[str] = deque()  # keys taking turns (entries live or not yet skipped; a new key
+        #                                  after its turn, possibly with none left), in turn order
 
 
 class FairQueue:
@@ -74,7 +80,7 @@ class FairQueue:
         q = c.keys.get(key)
         if q is None:
             q = c.keys[key] = deque()
-            c.ring.append(key)
+            c.fresh.append(key)
         q.append(e)
         self._live[cls] += 1
         self.size += 1
@@ -125,22 +131,23 @@ class FairQueue:
 
     def _pop_class(self, cls: int) -> Entry | None:
         c = self._classes[cls]
-        while c.ring:
-            key = c.ring.popleft()
-            q = c.keys[key]
-            while q and not q[0].live:
-                q.popleft()
-            if not q:
-                del c.keys[key]
-                continue
-            e = q.popleft()
-            while q and not q[0].live:
-                q.popleft()
-            if q:
-                c.ring.append(key)  # its next request waits for every other key's turn
-            else:
-                del c.keys[key]
-            return e
+        for turns, new in ((c.fresh, True), (c.ring, False)):
+            while turns:
+                key = turns.popleft()
+                q = c.keys[key]
+                while q and not q[0].live:
+                    q.popleft()
+                if not q:
+                    del c.keys[key]
+                    continue
+                e = q.popleft()
+                while q and not q[0].live:
+                    q.popleft()
+                if q or new:
+                    c.ring.append(key)  # its next request waits for every other key's turn
+                else:
+                    del c.keys[key]
+                return e
         return None
 
     def depth(self) -> int:

@@ -44,6 +44,37 @@ def test_round_robin_over_keys_fifo_within_a_key() -> None:
     assert _drain(q) == ["b", "c", "flood", "b", "flood", "flood", "flood"]
 
 
+def test_a_new_key_is_served_before_keys_taking_turns() -> None:
+    """A quiet key's one request takes the next grant, not the one after the busy key's next."""
+    q = FairQueue(100, 10, Clock())
+    for _ in range(10):
+        q.push("flood")
+    assert q.pop().key == "flood"  # type: ignore[union-attr]  # flood now takes turns
+    q.push("solo")
+    assert q.pop().key == "solo"  # type: ignore[union-attr]
+    # two new keys: in arrival order, both before the busy key
+    q.push("x")
+    q.push("y")
+    assert [q.pop().key for _ in range(3)] == ["x", "y", "flood"]  # type: ignore[union-attr]
+
+
+def test_a_key_cannot_stay_new_by_emptying_its_queue() -> None:
+    """After its turn a new key waits in the round robin (with nothing queued) until its turn comes
+    round; a request it sends before then takes that turn, not a new key's place."""
+    q = FairQueue(100, 10, Clock())
+    for k in ("a", "b", "c"):
+        for _ in range(3):
+            q.push(k)
+    assert [q.pop().key for _ in range(3)] == ["a", "b", "c"]  # type: ignore[union-attr]
+    q.push("sly")
+    assert q.pop().key == "sly"  # type: ignore[union-attr]
+    q.push("sly")  # its queue was empty, but its place in the ring is kept: behind a, b, c
+    assert _drain(q) == ["a", "b", "c", "sly", "a", "b", "c"]
+    q.push("sly")  # its placeholder was used: new again
+    q.push("a")
+    assert _drain(q) == ["sly", "a"]
+
+
 def test_bounded_and_removal_frees_a_place_at_once() -> None:
     q = FairQueue(2, 10, Clock())
     a = q.push("a")

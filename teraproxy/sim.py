@@ -75,6 +75,7 @@ class Stats:
     metrics_scrapes: int = 0
     max_running: int = 0  # the most generation requests that ever ran at once
     max_waiting: int = 0
+    busy_slot_s: float = 0.0  # integral of running over time (utilisation = busy_slot_s / (max_num_seqs × wall))
     last_body: str = ""
     last_headers: dict[str, str] = field(default_factory=dict)
 
@@ -100,9 +101,16 @@ class Scheduler:
         self.stats = stats
         self.running = 0
         self.waiters: deque[asyncio.Future[None]] = deque()
+        self._since = time.monotonic()
+
+    def _account(self) -> None:
+        now = time.monotonic()
+        self.stats.busy_slot_s += self.running * (now - self._since)
+        self._since = now
 
     async def acquire(self) -> None:
         if not self.waiters and (self.max_seqs <= 0 or self.running < self.max_seqs):
+            self._account()
             self.running += 1
             self.stats.max_running = max(self.stats.max_running, self.running)
             return
@@ -124,6 +132,7 @@ class Scheduler:
             if not fut.done():
                 fut.set_result(None)  # the slot goes to the next waiter; running is unchanged
                 return
+        self._account()
         self.running -= 1
 
 

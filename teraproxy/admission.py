@@ -10,9 +10,10 @@ that key's oldest entry (FIFO within a key). A key that joins with nothing queue
 is served before the keys already taking turns (FQ-CoDel's new flows, RFC 8290 §4.2): an interactive
 user's one request waits for the next free slot, not behind one more request of every busy key. After
 its turn a new key joins the round robin's end, and stays there (even with nothing queued) until its
-turn comes round, so a key cannot stay new by emptying its queue after each grant. Every entry carries its deadline; ``pop()`` never returns
-an expired one. Removal (a client that left, a timeout) is O(1): the entry is marked and skipped
-later, the counts change at once. Anonymous traffic (``auth: off``) is one key.
+turn comes round, so a key cannot stay new by emptying its queue after each grant. Every entry
+carries its deadline; ``pop()`` never returns an expired one. Removal (a client that left, a
+timeout) is O(1): the entry is marked and skipped later, the counts change at once. Anonymous
+traffic (``auth: off``) is one key.
 
 ``Admission`` is the asyncio shell one ModelPool owns: ``wait()`` queues a request and returns once a
 slot was granted to it (or raises 503 ``queue_full`` / ``queue_timeout``); ``freed()`` is the

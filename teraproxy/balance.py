@@ -13,11 +13,16 @@ change in this proxy's in-flight count since the report (what we sent since, min
 never less than our own in-flight count. ``kv`` is the reported KV-cache usage (0..1), so a replica
 whose cache is full counts double. A stale or missing report falls back to local counts.
 
-Speed: when both sampled replicas have fresh reports with a measured completion rate (from vLLM's
-``vllm:request_success_total`` between two scrapes), they are compared by expected time instead —
-``demand × (1 + kv) / rate`` (Little's law; an idle replica scores 0, a busy one completing nothing
-scores infinity) — so a replica twice as slow gets the share of traffic that keeps its queue as short
-in time as the fast one's, not as short in count. Slow start still scales the rate down.
+Speed: when both sampled replicas have fresh reports with a measured drain rate (completions per
+second while saturated, from vLLM's ``vllm:request_success_total`` between scrapes; loadreport.py),
+they are compared by the expected wait before a new request starts: the requests that must finish
+first, ``demand + 1 − slots`` (none while a slot is free), divided by the rate. A free slot beats any
+queue; between two queues the one shorter in time wins, so a replica twice as slow gets a queue half
+as long in count — and only the queue, not its running requests, counts: those on the slow replica
+take twice as long, but they delay a new request only through the rate. Dividing all of demand by
+the rate (Little's law, the residence time) would hand the fast replica the longer queue and the
+longer TTFT. Both with a free slot (or no rate): the count score above decides. Slow start still
+scales the rate down.
 """
 
 from __future__ import annotations
@@ -57,16 +62,16 @@ def _load(r: Replica, now: float) -> float:
     return (_reported(r, rep) + 1) * (1.0 + (rep.kv or 0.0)) / r.effective_weight(now)
 
 
-def _timed(r: Replica, now: float) -> float:
-    """Expected time in the replica for one more request (Little's law): demand / completion rate."""
+def _wait(r: Replica, now: float) -> float:
+    """Expected wait before one more request starts: the requests ahead of it / the drain rate."""
     rep = r.report
     assert rep is not None and rep.rate is not None
-    n = _reported(r, rep)
-    if n == 0:
-        return 0.0
+    ahead = _reported(r, rep) + 1 - rep.slots
+    if ahead <= 0:
+        return 0.0  # a slot is free
     if rep.rate <= 0:
-        return math.inf  # busy and finishing nothing: stuck, or just started (its next report tells)
-    return n * (1.0 + (rep.kv or 0.0)) / (rep.rate * r.effective_weight(now) / r.weight)
+        return math.inf  # saturated and finishing nothing: stuck (its next report tells)
+    return ahead / (rep.rate * r.effective_weight(now) / r.weight)
 
 
 def _rated(r: Replica, now: float) -> bool:
@@ -91,8 +96,8 @@ def pick(replicas: Sequence[Replica], exclude: Sequence[Replica], now: float,
         free = [r for r in cands if not saturated(r, now)]
         return max(free or cands, key=lambda r: _rendezvous(key, r, now))
     a, b = rng.sample(cands, 2)
-    if _rated(a, now) and _rated(b, now):  # both measured: compare expected times, so speed counts
-        ta, tb = _timed(a, now), _timed(b, now)
+    if _rated(a, now) and _rated(b, now):  # both measured: compare expected waits, so speed counts
+        ta, tb = _wait(a, now), _wait(b, now)
         if ta != tb:
             return a if ta < tb else b
     la, lb = _load(a, now), _load(b, now)

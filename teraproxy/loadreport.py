@@ -4,8 +4,16 @@ vLLM exports its scheduler state as gauges (vllm/v1/metrics/loggers.py, labels `
 ``engine``): ``vllm:num_requests_running``, ``vllm:num_requests_waiting`` and
 ``vllm:kv_cache_usage_perc`` (``vllm:gpu_cache_usage_perc`` before v1). ``parse_metrics`` reads just
 those lines (sans-io: bytes in, a LoadReport out; running and waiting summed over engines, KV usage
-averaged), and the ``vllm:request_success_total`` counter, from which consecutive reports measure
-the replica's completion rate; everything else in the exposition is skipped without being parsed.
+averaged), and the ``vllm:request_success_total`` counter (labels ``model_name``, ``engine``,
+``finished_reason``; summed), from which consecutive reports measure how fast the replica drains its
+queue; everything else in the exposition is skipped without being parsed.
+
+The drain rate is measured only over intervals in which the replica was saturated (requests waiting
+at both scrapes): then completions per second are its capacity, whereas an unsaturated replica
+finishes only what it is sent. It is smoothed with a time constant of ``RATE_TAU`` seconds, since
+requests of equal length finish in cohorts and one scrape interval may hold one cohort more or less
+(±30% per sample at a few cohorts a second). ``slots`` is the replica's concurrency as last seen
+saturated (its running count while requests wait), or the most it has been seen running.
 
 ``LoadReporter`` owns one named task per replica that scrapes every ``load.interval`` (±15% jitter,
 first scrape at a random offset) with a short timeout and a bounded read, and stores the result on
@@ -41,7 +49,7 @@ _WAITING = b"vllm:num_requests_waiting"
 _KV = b"vllm:kv_cache_usage_perc"
 _KV_OLD = b"vllm:gpu_cache_usage_perc"
 _SUCCESS = b"vllm:request_success_total"
-RATE_SMOOTHING = 0.5  # weight of the newest completion-rate sample
+RATE_TAU = 10.0  # seconds: time constant of the drain-rate average
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,15 +60,21 @@ class LoadReport:
     at: float = 0.0  # monotonic time the report was taken
     in_flight: int = 0  # this proxy's in-flight count to the replica at that time (see balance.demand)
     completed: float | None = None  # vllm:request_success_total (all finish reasons), a counter
-    rate: float | None = None  # requests completed per second, smoothed over scrapes (None: not known yet)
+    rate: float | None = None  # completions per second while saturated, smoothed (None: not known yet)
+    slots: int = 0  # requests it runs at once: its running count when last seen with requests waiting
 
     def followed_by(self, new: LoadReport) -> LoadReport:
-        """``new`` with its completion rate measured against this earlier report."""
+        """``new`` with the drain rate and slots carried over from this earlier report and updated."""
+        slots = new.running if new.waiting > 0 else max(new.running, self.slots)
         if new.completed is None or self.completed is None or new.at <= self.at or new.completed < self.completed:
-            return new  # no counter, or it was reset (the replica restarted): start measuring again
-        sample = (new.completed - self.completed) / (new.at - self.at)
-        rate = sample if self.rate is None else RATE_SMOOTHING * sample + (1 - RATE_SMOOTHING) * self.rate
-        return LoadReport(new.running, new.waiting, new.kv, new.at, new.in_flight, new.completed, rate)
+            # no counter, or it was reset (the replica restarted): start measuring again
+            return LoadReport(new.running, new.waiting, new.kv, new.at, new.in_flight, new.completed, None, slots)
+        rate = self.rate
+        if self.waiting > 0 and new.waiting > 0:  # saturated throughout: completions/s is its capacity
+            dt = new.at - self.at
+            sample = (new.completed - self.completed) / dt
+            rate = sample if rate is None else rate + (1.0 - math.exp(-dt / RATE_TAU)) * (sample - rate)
+        return LoadReport(new.running, new.waiting, new.kv, new.at, new.in_flight, new.completed, rate, slots)
 
 
 def _sample(line: bytes, name: bytes) -> float | None:
@@ -116,7 +130,7 @@ def parse_metrics(text: bytes, at: float = 0.0, in_flight: int = 0) -> LoadRepor
         return None
     usage = kv or kv_old
     return LoadReport(int(running), int(waiting), sum(usage) / len(usage) if usage else None, at,
-                      in_flight, completed)
+                      in_flight, completed, None, int(running))
 
 
 class LoadReporter:

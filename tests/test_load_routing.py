@@ -52,6 +52,51 @@ async def test_traffic_moves_away_from_a_replica_reporting_a_long_waiting_queue(
     assert busy.stats.generation_requests > 0
 
 
+async def _stream_one(c: Any) -> None:
+    s = await c.chat.completions.create(model=MODEL, messages=MSG, stream=True)
+    async for _ in s:
+        pass
+
+
+async def _burst(p: Proxy, fast: Any, slow: Any, n: int) -> tuple[int, int]:
+    """``n`` streamed requests at once; how many each replica was sent."""
+    f0, s0 = fast.stats.generation_requests, slow.stats.generation_requests
+    async with openai_client(p) as c:
+        await asyncio.gather(*(_stream_one(c) for _ in range(n)))
+    return fast.stats.generation_requests - f0, slow.stats.generation_requests - s0
+
+
+async def test_a_replica_twice_as_fast_is_given_the_longer_queue(cluster: Cluster) -> None:
+    """Two sims with 2 slots each, one at half speed. Once both drain rates are measured (a closed
+    loop keeps both saturated), a burst of 30 requests is split by expected wait: the fast replica
+    gets about 19 of them (its queue twice as long as the slow one's), where counts alone split 15/15."""
+    opts: dict[str, Any] = {"max_num_seqs": 2, "ttft_ms": 20, "itl_ms": 10, "tokens": 8}
+    fast = await cluster.replica(**opts)
+    slow = await cluster.replica(**opts, speed=0.5)
+    p = await cluster.proxy([fast, slow], load={"interval": "50ms", "stale_after": "30s"})
+    counts_only = await cluster.proxy([fast, slow])
+    pool = _pool(p)
+    done = asyncio.Event()
+    async with openai_client(p) as c:
+        async def loop() -> None:
+            while not done.is_set():
+                await _stream_one(c)
+        learners = [asyncio.create_task(loop()) for _ in range(12)]
+        await wait_for(lambda: all(r.report is not None and r.report.rate for r in pool.replicas), timeout=15)
+        done.set()
+        await asyncio.gather(*learners)
+    r_fast, r_slow = pool.replicas
+    assert r_fast.report is not None and r_slow.report is not None
+    assert r_fast.report.rate is not None and r_slow.report.rate is not None
+    assert r_fast.report.rate > 1.4 * r_slow.report.rate and r_fast.report.slots == r_slow.report.slots == 2
+    await wait_for(lambda: fast.sim.sched.running == slow.sim.sched.running == 0)
+    to_fast, to_slow = await _burst(p, fast, slow, 30)
+    assert to_fast + to_slow == 30 and to_fast >= 1.4 * to_slow, (to_fast, to_slow)
+    # the same burst by counts alone: an even split
+    await wait_for(lambda: fast.sim.sched.running == slow.sim.sched.running == 0)
+    assert await _burst(counts_only, fast, slow, 30) == (15, 15)
+
+
 async def test_stale_or_missing_reports_fall_back_to_local_counts(cluster: Cluster) -> None:
     stale = await cluster.replica()
     bare = await cluster.replica(metrics="none")

@@ -103,14 +103,14 @@ class Scheduler:
         self.waiters: deque[asyncio.Future[None]] = deque()
         self._since = time.monotonic()
 
-    def _account(self) -> None:
+    def account(self) -> None:  # busy_slot_s up to now
         now = time.monotonic()
         self.stats.busy_slot_s += self.running * (now - self._since)
         self._since = now
 
     async def acquire(self) -> None:
         if not self.waiters and (self.max_seqs <= 0 or self.running < self.max_seqs):
-            self._account()
+            self.account()
             self.running += 1
             self.stats.max_running = max(self.stats.max_running, self.running)
             return
@@ -132,7 +132,7 @@ class Scheduler:
             if not fut.done():
                 fut.set_result(None)  # the slot goes to the next waiter; running is unchanged
                 return
-        self._account()
+        self.account()
         self.running -= 1
 
 
@@ -397,6 +397,7 @@ class Sim:
         return web.json_response(asdict(self.faults))
 
     async def get_stats(self, request: web.Request) -> web.Response:
+        self.sched.account()  # busy_slot_s up to now
         return web.json_response(asdict(self.stats))
 
     async def metrics(self, request: web.Request) -> web.Response:

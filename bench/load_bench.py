@@ -10,9 +10,11 @@ one markdown table per scenario (also written as JSON under bench/results/ or --
   routing   two replicas, one twice as slow (--speed 0.5), each --max-num-seqs 8; two teraproxy
             instances sharing them, each under its own closed-loop load. Variants: least in flight
             (load.enabled false) vs load-aware (load reports every load.interval).
-  fairness  one replica, --max-num-seqs 8; key "flood" keeps 96 requests open, key "solo" sends one
-            streamed request a second. Variants: no max_in_flight (vLLM queues everything FIFO) vs
-            max_in_flight 8 (the proxy's fair queue); plus solo alone (its unloaded TTFT).
+  fairness  one replica, --max-num-seqs 8; key "flood" keeps 96 requests open (a load generator
+            process of its own), key "solo" sends one streamed request a second (from this one); the
+            replica's slot utilisation while solo runs (sim busy_slot_s) shows the flood's share.
+            Variants: no max_in_flight (vLLM queues everything FIFO) vs max_in_flight 8 (the
+            proxy's fair queue); plus solo alone (its unloaded TTFT).
   cpu       proxy CPU per non-streamed request (proxy pinned to CPU 1): today's path (load reports
             off, no max_in_flight) vs load reports on + max_in_flight high enough never to queue.
 
@@ -135,20 +137,31 @@ async def _solo(base: str, key: str, n: int, every: float) -> list[float]:
     return ttfts
 
 
-async def _fair_round(base: str, flood: int, n: int) -> dict[str, Any]:
-    res: Any = None
+async def _fair_round(base: str, sim_url: str, flood: int, n: int, out: Path) -> dict[str, Any]:
+    """The flood runs in a load generator process of its own (bench/loadgen.py), as a batch job's
+    client would: sharing this event loop with 96 flood streams delayed the solo key's own reads."""
+    proc = None
     if flood:
-        opts = Options(url=base, model=MODEL, key="sk-flood", concurrency=flood, duration=n + 3.0,
-                               stream=True, max_tokens=32, warmup=1.0, ramp=0.5, quiet=True, timeout=120)
-        task = asyncio.create_task(loadgen.run(opts))
+        proc = await asyncio.create_subprocess_exec(
+            PY, str(REPO / "bench" / "loadgen.py"), "--url", base, "--model", MODEL, "--key", "sk-flood",
+            "--concurrency", str(flood), "--duration", str(n + 3.0), "--stream", "--max-tokens", "32",
+            "--warmup", "1", "--ramp", "0.5", "--timeout", "120", "--quiet", "--json", str(out),
+            stdout=asyncio.subprocess.DEVNULL)
         await asyncio.sleep(2.0)  # the flood is established
-    solo = await _solo(base, "sk-solo", n, 1.0)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(sim_url + "/_sim/stats") as r:
+            st0, t0 = await r.json(), time.monotonic()
+        solo = await _solo(base, "sk-solo", n, 1.0)
+        async with s.get(sim_url + "/_sim/stats") as r:
+            st1, t1 = await r.json(), time.monotonic()
     row: dict[str, Any] = {}
-    if flood:
-        res = await task
-        s = res.summary()
-        row["flood_requests_per_s"] = round(s["requests_per_s"], 1) if s["requests_per_s"] else None
-        row["flood_ttft_p50_ms"] = _ms(s["ttft"]["p50"])
+    if proc is not None:
+        await proc.wait()
+        summary = orjson.loads(await asyncio.to_thread(out.read_bytes))["summary"]
+        row["flood_requests_per_s"] = round(summary["requests_per_s"], 1) if summary["requests_per_s"] else None
+        row["flood_ttft_p50_ms"] = _ms(summary["ttft"]["p50"])
+        # the replica's slots in use while solo ran (1.0: never one idle between a request and the next)
+        row["sim_slot_utilisation"] = round((st1["busy_slot_s"] - st0["busy_slot_s"]) / (8 * (t1 - t0)), 3)
     p = percentiles(solo)
     return {"solo_ttft_p50_ms": _ms(p["p50"]), "solo_ttft_p99_ms": _ms(p["p99"]), "solo_requests": len(solo), **row}
 
@@ -165,7 +178,7 @@ def fairness(procs: Procs, run: Path, duration: float) -> list[dict[str, Any]]:
                                 ("flood, no max_in_flight (vLLM queues FIFO)", {"url": url}, 96),
                                 ("flood, max_in_flight 8 (fair queue)", {"url": url, "max_in_flight": 8}, 96)):
         base, p = proxy(procs, run, "proxy-fair", [rep], auth=keys)
-        out.append({"variant": variant, **asyncio.run(_fair_round(base, flood, n))})
+        out.append({"variant": variant, **asyncio.run(_fair_round(base, url, flood, n, run / "flood.json"))})
         procs.stop(p)
     return out
 

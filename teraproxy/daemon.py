@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -74,6 +75,7 @@ class Daemon:
                      " (inherited socket)" if inherited else "", self.config.admin_listen or "off",
                      len(self.config.models))
             await _first_round(live)
+            tune_gc()
             if self.notifier:
                 self.notifier.ready(status_line(live))
                 self._spawn(self._status(live), "systemd:status")
@@ -181,3 +183,13 @@ async def _first_round(live: Live) -> None:
         async with asyncio.timeout(cfg.timeout + 0.5):
             while any(r.last_check is None for r in live.current.replicas):  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
+
+
+def tune_gc() -> None:
+    """Once serving: what start-up made (modules, config, tables) moves out of the collector's
+    sight, and the youngest generation is collected ten times less often. A request makes a few
+    hundred short-lived containers and frees them by reference counting; the default threshold
+    (700) ran a collection every couple of requests, ~3% of the proxy's CPU (py-spy, S1)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(7000, 10, 10)

@@ -119,8 +119,12 @@ def _rendezvous(key: str, r: Replica, now: float) -> float:
 class RetryBudget:
     """At most ``ratio`` of the requests in the last ``window`` seconds may be retries, but never
     fewer than ``floor`` retries per window: a quiet proxy must still retry around a failing replica
-    until its breaker opens (breaker.failures), or a single outage would reach the clients."""
+    until its breaker opens (breaker.failures), or a single outage would reach the clients.
 
+    Requests are counted in ``SLICES`` slices of the window (one integer add per request, not a
+    timestamp each), so the window slides in steps of a tenth of its length."""
+
+    SLICES = 10
     __slots__ = ("_reqs", "_retries", "clock", "floor", "ratio", "window")
 
     def __init__(self, ratio: float, window: float, clock: Callable[[], float], floor: int = 10) -> None:
@@ -128,25 +132,37 @@ class RetryBudget:
         self.window = window
         self.floor = floor
         self.clock = clock
-        self._reqs: deque[float] = deque()
-        self._retries: deque[float] = deque()
+        self._reqs: deque[list[int]] = deque()  # [slice number, count], oldest first
+        self._retries: deque[list[int]] = deque()
 
-    def _trim(self, now: float) -> None:
-        edge = now - self.window
-        for q in (self._reqs, self._retries):
-            while q and q[0] < edge:
-                q.popleft()
+    def _add(self, q: deque[list[int]], now: float) -> None:
+        n = int(now * self.SLICES / self.window)
+        if q and q[-1][0] == n:
+            q[-1][1] += 1
+            return
+        q.append([n, 1])
+        while q[0][0] <= n - self.SLICES:  # out of the window
+            q.popleft()
+
+    def _count(self, q: deque[list[int]], now: float) -> int:
+        edge = int(now * self.SLICES / self.window) - self.SLICES
+        while q and q[0][0] <= edge:
+            q.popleft()
+        return sum(c for _, c in q)
 
     def request(self) -> None:
-        now = self.clock()
-        self._reqs.append(now)
-        if len(self._reqs) > 4096:
-            self._trim(now)
+        self._add(self._reqs, self.clock())
+
+    def configure(self, ratio: float, window: float) -> None:
+        """A reload's settings; the counts are kept unless the window (the slices' size) changes."""
+        if window != self.window:
+            self._reqs.clear()
+            self._retries.clear()
+        self.ratio, self.window = ratio, window
 
     def try_retry(self) -> bool:
         now = self.clock()
-        self._trim(now)
-        if len(self._retries) >= max(self.floor, self.ratio * len(self._reqs)):
+        if self._count(self._retries, now) >= max(self.floor, self.ratio * self._count(self._reqs, now)):
             return False
-        self._retries.append(now)
+        self._add(self._retries, now)
         return True

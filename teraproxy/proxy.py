@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import os
@@ -152,7 +153,7 @@ class Proxy:
 
     def configure(self, snap: Snapshot) -> None:
         """A reload's settings for what outlives a snapshot (the retry budget keeps its history)."""
-        self.budget.ratio, self.budget.window = snap.config.retry.budget, snap.config.retry.window
+        self.budget.configure(snap.config.retry.budget, snap.config.retry.window)
 
     # -- entry points ----------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -491,7 +492,13 @@ def _is_bare_unauthorized(data: bytes) -> bool:
     return isinstance(doc, dict) and isinstance(doc.get("error"), str)
 
 
+_RID_PREFIX = os.urandom(8).hex()  # this process's 64 random bits; a counter makes each id unique
+_rid_seq = itertools.count(1)
+
+
 def new_request_id(given: str | None) -> str:
+    """The client's X-Request-ID when it is sane, else a new one, unique across processes and
+    restarts (random prefix) without a getrandom(2) call per request."""
     if given and len(given) <= 128 and given.isprintable() and given.isascii():
         return given
-    return os.urandom(16).hex()  # 128 random bits, as uuid4 has, without building a UUID object
+    return f"{_RID_PREFIX}{next(_rid_seq):016x}"

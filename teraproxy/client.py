@@ -133,9 +133,12 @@ class Exchange:
         self.status = status
         self.headers_done = True
         self.last_data = self.loop.time()
-        self._cancel_timer()
-        self._timer = self.loop.call_at(self.last_data + self.idle, self._on_timer)
-        self.wake()
+        self._cancel_timer()  # the idle timer is armed after this read (_Conn.data_received), unless the
+        self.wake()           # body came with the head: then no second timer is made at all
+
+    def _arm_idle(self) -> None:
+        if self._timer is None and not self.complete and self.error is None:
+            self._timer = self.loop.call_at(self.last_data + self.idle, self._on_timer)
 
     def _message_complete(self, keep_alive: bool) -> None:
         self.complete = True
@@ -255,6 +258,8 @@ class _Conn(asyncio.Protocol):
                 self.parser.feed_data(data)
             else:
                 self._feed_head(ex, data)
+                if ex.headers_done:
+                    ex._arm_idle()
         except httptools.HttpParserUpgrade:
             ex.fail(UpstreamFailure("replica tried to upgrade the connection", got_bytes=True))
             self.abort()

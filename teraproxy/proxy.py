@@ -201,9 +201,9 @@ class Proxy:
     async def _read_body(self, request: web.Request) -> bytes:
         limits = request[CTX].snap.config.limits
         limit = limits.max_body
-        if request.content_length is not None and request.content_length > limit:
-            raise PayloadTooLarge(f"Request body of {request.content_length} bytes is over the limit of "
-                                  f"{limit} bytes.")
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise PayloadTooLarge(f"Request body of {declared} bytes is over the limit of {limit} bytes.")
         content = request.content
         if content.is_eof() and content.exception() is None:  # the usual case: the whole body came
             body = content.read_nowait(limit + 1)                 # with the headers; no timer needed

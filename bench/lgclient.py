@@ -43,6 +43,10 @@ class Options:
     requests: int | None = None
     stream: bool = False
     max_tokens: int = 128
+    # (LO, HI): each request draws its max_tokens uniformly from LO..HI (inclusive) instead of max_tokens,
+    # from random.Random(seed), so a run's sequence of draws repeats
+    max_tokens_range: tuple[int, int] | None = None
+    seed: int = 0
     prompt: str = DEFAULT_PROMPT
     endpoint: str = "chat"
     warmup: float = 0.0
@@ -73,13 +77,14 @@ class Options:
             raise ValueError("--timeout must be a positive number of seconds")
         if self.warmup < 0 or self.ramp < 0:
             raise ValueError("--warmup/--ramp must be >= 0")
+        if self.max_tokens_range is not None and not 1 <= self.max_tokens_range[0] <= self.max_tokens_range[1]:
+            raise ValueError("--max-tokens-range LO:HI needs 1 <= LO <= HI")
 
     def public(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k not in ("on_window", "key", "prompt")}
         d["prompt_chars"] = len(self.prompt)
         d["key"] = bool(self.key)
         return d
-
 
 
 class Counters:
@@ -102,8 +107,9 @@ def endpoint_url(base: str, endpoint: str) -> str:
     return base + ("/chat/completions" if endpoint == "chat" else "/completions")
 
 
-def request_body(opts: Options, model: str) -> bytes:
-    body: dict[str, Any] = {"model": model, "max_tokens": opts.max_tokens}
+def request_body(opts: Options, model: str, max_tokens: int | None = None) -> bytes:
+    """max_tokens: this request's, when not opts.max_tokens (a draw from opts.max_tokens_range)."""
+    body: dict[str, Any] = {"model": model, "max_tokens": opts.max_tokens if max_tokens is None else max_tokens}
     if opts.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": opts.prompt}]
     else:

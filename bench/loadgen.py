@@ -10,6 +10,9 @@ Point it at teraproxy, nginx, vLLM itself or anything else that speaks
 ``--concurrency`` workers each send one request after another (closed loop)
 until ``--duration`` seconds have passed or ``--requests`` requests have been
 sent, whichever comes first; at least one of the two is required.
+``--max-tokens-range LO:HI`` gives each request a max_tokens drawn uniformly
+from LO..HI (``--seed``, so a run's draws repeat): outputs of varied length,
+as real traffic has, instead of every request asking for ``--max-tokens``.
 
 Measurement window: requests started during the first ``--warmup`` seconds
 still run but are left out of the latency figures, and throughput
@@ -42,10 +45,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import random
 import ssl
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +155,26 @@ async def _watch(w: _Window, all_done: asyncio.Future[Any], state: dict[str, Any
             break  # safety net: per-request timeouts should have fired
 
 
+def _body_source(opts: Options, model: str) -> Callable[[], bytes]:
+    """The next request's body: always the same, or with --max-tokens-range one with a max_tokens drawn
+    from random.Random(opts.seed) (each length's body built once)."""
+    if opts.max_tokens_range is None:
+        body = request_body(opts, model)
+        return lambda: body
+    lo, hi = opts.max_tokens_range
+    draw = random.Random(opts.seed).randint
+    bodies: dict[int, bytes] = {}
+
+    def next_body() -> bytes:
+        n = draw(lo, hi)
+        b = bodies.get(n)
+        if b is None:
+            b = bodies[n] = request_body(opts, model, n)
+        return b
+
+    return next_body
+
+
 async def run(opts: Options) -> Results:
     """Run the load described by opts and return every figure."""
     opts.validate()
@@ -165,7 +189,7 @@ async def run(opts: Options) -> Results:
     clock = time.perf_counter
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
         model = opts.model or await discover_model(session, opts)
-        body = request_body(opts, model)
+        next_body = _body_source(opts, model)
         w = _Window(opts, counters, clock())
         state = {"issued": 0, "stop": False}
         limit = opts.requests
@@ -182,7 +206,7 @@ async def run(opts: Options) -> Results:
                     if state["issued"] >= limit:
                         return
                     state["issued"] += 1
-                await one_request(session, url, body, headers, opts.stream, counters, sink)
+                await one_request(session, url, next_body(), headers, opts.stream, counters, sink)
 
         tasks = [asyncio.ensure_future(worker(i)) for i in range(opts.concurrency)]
         all_done = asyncio.gather(*tasks)
@@ -213,7 +237,17 @@ async def run(opts: Options) -> Results:
         )
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, argparse.Namespace]:
+def _token_range(v: str) -> tuple[int, int]:
+    lo, sep, hi = v.partition(":")
+    try:
+        if sep:
+            return int(lo), int(hi)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected LO:HI (two integers), got {v!r}")
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description="Closed-loop load generator for OpenAI-compatible endpoints.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -227,6 +261,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, argparse.Nam
     ap.add_argument("--requests", "-n", type=int, help="total requests to send")
     ap.add_argument("--stream", action="store_true", help="stream responses (SSE)")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--max-tokens-range", metavar="LO:HI", type=_token_range,
+                    help="each request's max_tokens drawn uniformly from LO..HI (instead of --max-tokens)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the --max-tokens-range draws")
     ap.add_argument("--prompt-file", help="text file whose content is the prompt")
     ap.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
     ap.add_argument("--warmup", type=float, default=0.0, help="seconds at the start left out of the figures")
@@ -238,6 +275,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, argparse.Nam
     ap.add_argument("--json", metavar="OUT", help="write per-request figures as JSON")
     ap.add_argument("--plot", metavar="OUT.png", help="write a PNG chart (needs matplotlib)")
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    return ap
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, argparse.Namespace]:
+    ap = _parser()
     a = ap.parse_args(argv)
     prompt = DEFAULT_PROMPT
     if a.prompt_file:
@@ -257,6 +299,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, argparse.Nam
         requests=a.requests,
         stream=a.stream,
         max_tokens=a.max_tokens,
+        max_tokens_range=a.max_tokens_range,
+        seed=a.seed,
         prompt=prompt,
         endpoint=a.endpoint,
         warmup=a.warmup,

@@ -314,3 +314,26 @@ def test_cli_prints_table_and_writes_json(sims: dict[str, str], tmp_path: Path) 
     assert len(doc["requests"]) == 10
     assert all(q["tokens"] == 3 and q["frames"] == 4 and q["done"] for q in doc["requests"])
     assert doc["summary"]["errors_total"] == 0
+
+
+def test_max_tokens_range_option_parses_and_validates() -> None:
+    opts, _ = loadgen.parse_args(["--url", "http://127.0.0.1:1/v1", "-n", "1", "--max-tokens-range", "8:56"])
+    assert opts.max_tokens_range == (8, 56) and opts.seed == 0
+    for bad in ("8", "a:b", "9:3", "0:4"):
+        with pytest.raises(SystemExit):
+            loadgen.parse_args(["--url", "http://127.0.0.1:1/v1", "-n", "1", "--max-tokens-range", bad])
+
+
+def test_e2e_max_tokens_range_varies_lengths_repeatably(sims: dict[str, str]) -> None:
+    # the sim (--tokens 16) stops at a request's max_tokens when that is lower: completion_tokens = the draw
+    def lengths(seed: int) -> list[int]:
+        res = _run(url=sims["plain"], concurrency=1, requests=30, max_tokens_range=(2, 12), seed=seed)
+        assert [r.error for r in res.records] == [None] * 30
+        return [r.tokens for r in sorted(res.records, key=lambda r: r.start)]
+
+    a = lengths(1)
+    assert all(2 <= n <= 12 for n in a) and len(set(a)) >= 5
+    assert lengths(1) == a  # seeded: the same sequence again
+    assert lengths(2) != a
+    fixed = _run(url=sims["plain"], concurrency=2, requests=6, max_tokens=5)
+    assert [r.tokens for r in fixed.records] == [5] * 6  # without a range: --max-tokens, as before

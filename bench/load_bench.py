@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Load-aware routing and the fair admission queue, measured (issue 13's three scenarios).
 
-    python bench/load_bench.py [--scenarios routing,fairness,cpu] [--duration S] [--out DIR]
+    python bench/load_bench.py [--scenarios routing,fairness,cpu] [--duration S] [--solo-requests N] [--out DIR]
 
 Starts `teraproxy sim` replicas (with --max-num-seqs and --speed) and `teraproxy serve` processes from
 generated configs in a temporary directory, drives them with bench/loadgen.py in-process, and prints
@@ -11,10 +11,14 @@ one markdown table per scenario (also written as JSON under bench/results/ or --
             instances sharing them, each under its own closed-loop load. Variants: least in flight
             (load.enabled false) vs load-aware (load reports every load.interval).
   fairness  one replica, --max-num-seqs 8; key "flood" keeps 96 requests open (a load generator
-            process of its own), key "solo" sends one streamed request a second (from this one); the
-            replica's slot utilisation while solo runs (sim busy_slot_s) shows the flood's share.
+            process of its own), key "solo" sends one streamed request a second (from this one, on
+            a fixed schedule); the replica's slot utilisation while solo runs (sim busy_slot_s)
+            shows the flood's share.
             Variants: no max_in_flight (vLLM queues everything FIFO) vs max_in_flight 8 (the
-            proxy's fair queue); plus solo alone (its unloaded TTFT).
+            proxy's fair queue), every flood request max_tokens 32; the fair queue again with the
+            flood's max_tokens drawn from 8..56 (same mean; real outputs vary, and equal ones finish
+            in cohorts of 8); plus solo alone (its unloaded TTFT). --solo-requests (default 30) per
+            variant, so its p99 is not just the largest of a handful.
   cpu       proxy CPU per non-streamed request (proxy pinned to CPU 1): today's path (load reports
             off, no max_in_flight) vs load reports on + max_in_flight high enough never to queue.
 
@@ -25,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,32 +125,42 @@ def routing(procs: Procs, run: Path, duration: float) -> list[dict[str, Any]]:
 
 # -- scenario 2: fairness under saturation ---------------------------------------------------------
 async def _solo(base: str, key: str, n: int, every: float) -> list[float]:
+    """n streamed requests, one started every `every` seconds on a fixed schedule (not after the previous
+    one ends: under FIFO each takes ~2 s, and 30 one after another would outlast the flood); TTFTs in
+    send order."""
     body = orjson.dumps({"model": MODEL, "stream": True, "max_tokens": 8,
                          "messages": [{"role": "user", "content": "hi"}]})
-    ttfts: list[float] = []
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     async with aiohttp.ClientSession() as s:
-        for _ in range(n):
+
+        async def one() -> float | None:
             t0 = time.perf_counter()
-            async with s.post(base + "/chat/completions", data=body, headers={
-                    "Authorization": f"Bearer {key}", "Content-Type": "application/json"}) as resp:
+            async with s.post(base + "/chat/completions", data=body, headers=headers) as resp:
                 first = None
                 async for chunk in resp.content.iter_any():
                     if first is None and b'"content":"' in chunk:
                         first = time.perf_counter() - t0
-                if resp.status == 200 and first is not None:
-                    ttfts.append(first)
-            await asyncio.sleep(max(0.0, every - (time.perf_counter() - t0)))
-    return ttfts
+                return first if resp.status == 200 else None
+
+        start = time.perf_counter()
+        tasks = []
+        for i in range(n):
+            await asyncio.sleep(max(0.0, start + i * every - time.perf_counter()))
+            tasks.append(asyncio.ensure_future(one()))
+        got = await asyncio.gather(*tasks)
+    return [t for t in got if t is not None]
 
 
-async def _fair_round(base: str, sim_url: str, flood: int, n: int, out: Path) -> dict[str, Any]:
+async def _fair_round(base: str, sim_url: str, flood: int, lengths: str, n: int, out: Path) -> dict[str, Any]:
     """The flood runs in a load generator process of its own (bench/loadgen.py), as a batch job's
-    client would: sharing this event loop with 96 flood streams delayed the solo key's own reads."""
+    client would: sharing this event loop with 96 flood streams delayed the solo key's own reads.
+    lengths: the flood's max_tokens, "32" (every request) or "LO:HI" (each drawn from LO..HI, seeded)."""
     proc = None
     if flood:
+        size = ("--max-tokens-range", lengths) if ":" in lengths else ("--max-tokens", lengths)
         proc = await asyncio.create_subprocess_exec(
             PY, str(REPO / "bench" / "loadgen.py"), "--url", base, "--model", MODEL, "--key", "sk-flood",
-            "--concurrency", str(flood), "--duration", str(n + 3.0), "--stream", "--max-tokens", "32",
+            "--concurrency", str(flood), "--duration", str(n + 3.0), "--stream", *size,
             "--warmup", "1", "--ramp", "0.5", "--timeout", "120", "--quiet", "--json", str(out),
             stdout=asyncio.subprocess.DEVNULL)
         await asyncio.sleep(2.0)  # the flood is established
@@ -166,19 +182,26 @@ async def _fair_round(base: str, sim_url: str, flood: int, n: int, out: Path) ->
     return {"solo_ttft_p50_ms": _ms(p["p50"]), "solo_ttft_p99_ms": _ms(p["p99"]), "solo_requests": len(solo), **row}
 
 
-def fairness(procs: Procs, run: Path, duration: float) -> list[dict[str, Any]]:
-    url = sim(procs, "sim-fair", "--max-num-seqs", "8", "--ttft", "20", "--itl", "5", "--tokens", "32")
+def fairness(procs: Procs, run: Path, duration: float, solo_requests: int = 30) -> list[dict[str, Any]]:
+    """Each variant lasts solo_requests seconds (solo sends one a second); duration is not used. The
+    sim's --tokens 64 is above every max_tokens sent, so each request gets exactly its max_tokens."""
+    url = sim(procs, "sim-fair", "--max-num-seqs", "8", "--ttft", "20", "--itl", "5", "--tokens", "64")
     import hashlib
 
     keys = {"keys": [{"name": "flood", "sha256": hashlib.sha256(b"sk-flood").hexdigest()},
                      {"name": "solo", "sha256": hashlib.sha256(b"sk-solo").hexdigest()}]}
-    n = max(5, int(duration))
+    capped = {"url": url, "max_in_flight": 8}
     out = []
-    for variant, rep, flood in (("solo alone (unloaded)", {"url": url}, 0),
-                                ("flood, no max_in_flight (vLLM queues FIFO)", {"url": url}, 96),
-                                ("flood, max_in_flight 8 (fair queue)", {"url": url, "max_in_flight": 8}, 96)):
+    for variant, rep, flood, lengths in (
+            ("solo alone (unloaded)", {"url": url}, 0, "32"),
+            ("flood, no max_in_flight (vLLM queues FIFO)", {"url": url}, 96, "32"),
+            ("flood, max_in_flight 8 (fair queue)", capped, 96, "32"),
+            # same mean length (32), so the same load; lengths that differ keep the 8 slots from
+            # finishing in cohorts (equal deterministic requests stay phase-locked)
+            ("flood with varied lengths, max_in_flight: 8", capped, 96, "8:56")):
         base, p = proxy(procs, run, "proxy-fair", [rep], auth=keys)
-        out.append({"variant": variant, **asyncio.run(_fair_round(base, url, flood, n, run / "flood.json"))})
+        row = asyncio.run(_fair_round(base, url, flood, lengths, solo_requests, run / "flood.json"))
+        out.append({"variant": variant, "flood_max_tokens": lengths if flood else None, **row})
         procs.stop(p)
     return out
 
@@ -221,9 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scenarios", default="routing,fairness,cpu")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of load per variant")
+    ap.add_argument("--solo-requests", type=int, default=30,
+                    help="fairness: the solo key's requests per variant (one a second; sets its length)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args(argv)
-    fns = {"routing": routing, "fairness": fairness, "cpu": cpu}
+    if args.solo_requests < 1:
+        ap.error("--solo-requests must be >= 1")
+    fns: dict[str, Callable[[Procs, Path, float], list[dict[str, Any]]]] = {
+        "routing": routing, "fairness": functools.partial(fairness, solo_requests=args.solo_requests), "cpu": cpu}
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="teraproxy-load-") as tmp:
         procs = Procs(Path(tmp), pin=True)

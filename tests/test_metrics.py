@@ -89,3 +89,40 @@ async def test_exact_codes_bounded_model_process_and_no_created(cluster: Cluster
     assert "attacker/" not in text and "_created" not in text
     assert m[("process_resident_memory_bytes", ())] > 0 and m[("process_cpu_seconds_total", ())] > 0
     assert m[("process_open_fds", ())] > 0
+
+
+def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
+    """The plain-number histogram renders as Prometheus expects: a value on a bound counts in that
+    bucket (le is <=), buckets are cumulative, +Inf is the count, _sum the total."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.registry import Collector
+
+    from teraproxy.metrics import _BUCKETS, Hist, _hist_family
+
+    h = Hist()
+    for v in (0.005, 0.0051, 0.3, 1000.0):
+        h.observe(v)
+
+    class One(Collector):
+        def collect(self):  # type: ignore[no-untyped-def]
+            yield _hist_family("t_seconds", "t", [("m", h)])
+
+    reg = CollectorRegistry()
+    reg.register(One())
+    got = {(s.name, s.labels.get("le")): s.value for fam in text_string_to_metric_families(
+        generate_latest(reg).decode()) for s in fam.samples}
+    assert got[("t_seconds_bucket", "0.005")] == 1  # the bound itself
+    assert got[("t_seconds_bucket", "0.01")] == 2
+    assert got[("t_seconds_bucket", "0.25")] == 2 and got[("t_seconds_bucket", "0.5")] == 3
+    assert got[("t_seconds_bucket", str(float(_BUCKETS[-1])))] == 3
+    assert got[("t_seconds_bucket", "+Inf")] == 4 and got[("t_seconds_count", None)] == 4
+    assert abs(got[("t_seconds_sum", None)] - 1000.3101) < 1e-9
+
+
+def test_request_ids_are_unique_hex() -> None:
+    from teraproxy.proxy import new_request_id
+
+    ids = [new_request_id(None) for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert new_request_id("client-given-1") == "client-given-1" and new_request_id("bad\nid") != "bad\nid"

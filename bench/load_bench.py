@@ -151,9 +151,10 @@ async def _solo(base: str, key: str, n: int, every: float) -> list[float]:
     return [t for t in got if t is not None]
 
 
-async def _fair_round(base: str, sim_url: str, flood: int, lengths: str, n: int, out: Path) -> dict[str, Any]:
+async def _fair_round(base: str, sim_url: str, flood: int, lengths: str, n: int, out: Path,
+                      seqs: int = 8) -> dict[str, Any]:
     """The flood runs in a load generator process of its own (bench/loadgen.py), as a batch job's
-    client would: sharing this event loop with 96 flood streams delayed the solo key's own reads.
+    client would: sharing this event loop with the flood's streams delayed the solo key's own reads.
     lengths: the flood's max_tokens, "32" (every request) or "LO:HI" (each drawn from LO..HI, seeded)."""
     proc = None
     if flood:
@@ -177,31 +178,36 @@ async def _fair_round(base: str, sim_url: str, flood: int, lengths: str, n: int,
         row["flood_requests_per_s"] = round(summary["requests_per_s"], 1) if summary["requests_per_s"] else None
         row["flood_ttft_p50_ms"] = _ms(summary["ttft"]["p50"])
         # the replica's slots in use while solo ran (1.0: never one idle between a request and the next)
-        row["sim_slot_utilisation"] = round((st1["busy_slot_s"] - st0["busy_slot_s"]) / (8 * (t1 - t0)), 3)
+        row["sim_slot_utilisation"] = round((st1["busy_slot_s"] - st0["busy_slot_s"]) / (seqs * (t1 - t0)), 3)
     p = percentiles(solo)
     return {"solo_ttft_p50_ms": _ms(p["p50"]), "solo_ttft_p99_ms": _ms(p["p99"]), "solo_requests": len(solo), **row}
 
 
-def fairness(procs: Procs, run: Path, duration: float, solo_requests: int = 30) -> list[dict[str, Any]]:
+def fairness(procs: Procs, run: Path, duration: float, solo_requests: int = 30, seqs: int = 8) -> list[dict[str, Any]]:
     """Each variant lasts solo_requests seconds (solo sends one a second); duration is not used. The
-    sim's --tokens 64 is above every max_tokens sent, so each request gets exactly its max_tokens."""
-    url = sim(procs, "sim-fair", "--max-num-seqs", "8", "--ttft", "20", "--itl", "5", "--tokens", "64")
+    sim's --tokens 64 is above every max_tokens sent, so each request gets exactly its max_tokens.
+    ``seqs``: the sim's --max-num-seqs and the proxy's max_in_flight; the flood keeps 12 per slot open.
+    A queued request waits for the next slot to free, so the gap between completions (a request's
+    service time / seqs) is what the quiet key's wait is made of."""
+    url = sim(procs, "sim-fair", "--max-num-seqs", str(seqs), "--ttft", "20", "--itl", "5", "--tokens", "64")
     import hashlib
 
     keys = {"keys": [{"name": "flood", "sha256": hashlib.sha256(b"sk-flood").hexdigest()},
                      {"name": "solo", "sha256": hashlib.sha256(b"sk-solo").hexdigest()}]}
-    capped = {"url": url, "max_in_flight": 8}
+    capped = {"url": url, "max_in_flight": seqs}
+    flood = 12 * seqs
     out = []
-    for variant, rep, flood, lengths in (
-            ("solo alone (unloaded)", {"url": url}, 0, "32"),
-            ("flood, no max_in_flight (vLLM queues FIFO)", {"url": url}, 96, "32"),
-            ("flood, max_in_flight 8 (fair queue)", capped, 96, "32"),
-            # same mean length (32), so the same load; lengths that differ keep the 8 slots from
+    for variant, rep, n, lengths in (
+            (f"solo alone (unloaded), {seqs} slots", {"url": url}, 0, "32"),
+            (f"flood, no max_in_flight (vLLM queues FIFO), {seqs} slots", {"url": url}, flood, "32"),
+            (f"flood, max_in_flight {seqs} (fair queue)", capped, flood, "32"),
+            # same mean length (32), so the same load; lengths that differ keep the slots from
             # finishing in cohorts (equal deterministic requests stay phase-locked)
-            ("flood with varied lengths, max_in_flight: 8", capped, 96, "8:56")):
+            (f"flood with varied lengths, max_in_flight {seqs}", capped, flood, "8:56")):
         base, p = proxy(procs, run, "proxy-fair", [rep], auth=keys)
-        row = asyncio.run(_fair_round(base, url, flood, lengths, solo_requests, run / "flood.json"))
-        out.append({"variant": variant, "flood_max_tokens": lengths if flood else None, **row})
+        row = asyncio.run(_fair_round(base, url, n, lengths, solo_requests, run / "flood.json", seqs))
+        out.append({"variant": variant, "flood_streams": n or None, "flood_max_tokens": lengths if n else None,
+                    **row})
         procs.stop(p)
     return out
 
@@ -246,12 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of load per variant")
     ap.add_argument("--solo-requests", type=int, default=30,
                     help="fairness: the solo key's requests per variant (one a second; sets its length)")
+    ap.add_argument("--fair-seqs", type=int, default=8,
+                    help="fairness: the replica's --max-num-seqs (and max_in_flight); the flood is 12 per slot")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args(argv)
     if args.solo_requests < 1:
         ap.error("--solo-requests must be >= 1")
     fns: dict[str, Callable[[Procs, Path, float], list[dict[str, Any]]]] = {
-        "routing": routing, "fairness": functools.partial(fairness, solo_requests=args.solo_requests), "cpu": cpu}
+        "routing": routing, "cpu": cpu,
+        "fairness": functools.partial(fairness, solo_requests=args.solo_requests, seqs=args.fair_seqs)}
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="teraproxy-load-") as tmp:
         procs = Procs(Path(tmp), pin=True)

@@ -232,7 +232,9 @@ async def test_half_closed_pipelined_requests_are_all_answered(cluster: Cluster)
     p = await cluster.proxy([r])
     get = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
     raw = await _exchange(p.config.listen.port, get + _post(_chat()) + get, half=True)
-    assert [s for s, _, _ in _answers(raw)] == [200, 200, 200]
+    statuses = [s for s, _, _ in _answers(raw)]
+    assert [s for s in statuses if s >= 200] == [200, 200, 200]
+    assert all(s == 102 for s in statuses if s < 200)  # the half-close probes (edge.PROBE_SOON): interim only
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -264,7 +266,8 @@ async def test_half_close_under_uvloop_serve(cluster: Cluster, tmp_path: Path,
     await wait_for(lambda: _listening(port), timeout=15)
     answers = _answers(await _exchange(port, _post(_chat()), half=True))
     assert [s for s, _, _ in answers][-1] == 200 and all(s == 102 for s, _, _ in answers[:-1])
-    assert 1 <= len(answers) <= 3  # 1.5 s of waiting is one or two probes, never one per EOF report
+    # 1.5 s of waiting: three probes at most (at once, PROBE_SOON, PROBE_SOON + PROBE_EVERY), not a set per EOF report
+    assert 1 <= len(answers) <= 4
     _, writer = await asyncio.open_connection("127.0.0.1", port)
     r.faults.ttft_ms = 30_000
     writer.write(_post(_chat()))

@@ -14,8 +14,8 @@ Invariants:
   included; each is counted (metrics, access log) and logged at most once per ``LOG_EVERY`` seconds;
 - a half-close (EOF after a complete request) is not a disconnect: the request is answered, then the
   connection closes. A client that is really gone is found by writing to it: the answer's own bytes
-  once it has begun, before that an interim ``102 Processing`` at once, after ``PROBE_SOON`` and then every
-  ``PROBE_EVERY`` seconds (HTTP/1.1
+  once it has begun, before that an interim ``102 Processing`` ``PROBE_SOON`` and twice that after the EOF,
+  then every ``PROBE_EVERY`` seconds (HTTP/1.1
   only; a 1xx may not go to an HTTP/1.0 client) — the second write to a closed socket fails, aiohttp's
   ``connection_lost`` cancels the handler and with it the replica's request;
 - ``100 Continue`` goes out only when the body is about to be read (after the key and size checks).
@@ -44,8 +44,9 @@ log = logging.getLogger("teraproxy")
 
 LOG_EVERY = 10.0  # seconds between two log lines about malformed requests
 PROBE_EVERY = 1.0  # seconds between interim answers to a half-closed client that is still waiting
-# The first two probes go out at once and after PROBE_SOON: a peer that closed resets the first, so the
-# second one fails and the handler (and with it a queued or upstream request) ends within ~0.1 s, not 2 s.
+# The first two probes go out PROBE_SOON and 2 x PROBE_SOON after the EOF (an answer that comes sooner
+# gets none): a peer that closed resets the first, so the second one fails and the handler (and with it
+# a queued or upstream request) ends within ~0.2 s, not 2 s.
 PROBE_SOON = 0.1
 MAX_CHAIN = 8192  # bytes of client-supplied X-Forwarded-For / Forwarded kept (the nearest hops win)
 _PROBE = b"HTTP/1.1 102 Processing\r\n\r\n"
@@ -179,8 +180,7 @@ class Protocol(RequestHandler):
                 self._messages[-1] = (msg._replace(should_close=True), payload)
         else:
             self.close()  # answer the request in hand, then close
-        if self._pending_version() >= HttpVersion11:
-            self._probe_peer(PROBE_SOON)
+        self._probe = self._loop.call_later(PROBE_SOON, self._probe_peer, PROBE_SOON)
 
     def _pending_version(self) -> tuple[int, int]:
         req = self._current_request
@@ -200,7 +200,9 @@ class Protocol(RequestHandler):
             return
         req = self._current_request
         begun = self._request_in_progress if req is None else req.writer.output_size > 0
-        if not begun:  # once the answer has begun, its own bytes find a gone client
+        # once the answer has begun, its own bytes find a gone client; a 1xx may not go to HTTP/1.0
+        # (checked per probe: a pipelined 1.0 request may follow a 1.1 one)
+        if not begun and self._pending_version() >= HttpVersion11:
             transport.write(_PROBE)
         self._probe = self._loop.call_later(then, self._probe_peer)
 

@@ -144,8 +144,12 @@ class _RequestCollector(Collector):
         reqs = CounterMetricFamily("teraproxy_requests", "Requests answered, by model and HTTP status code",
                                    labels=["model", "code"])
         for m, pm in models:
+            by_code: dict[str, int] = {}  # statuses outside 100..599 are one series, "other"
             for status, n in list(pm.codes.items()):
-                reqs.add_metric([m, str(status) if 100 <= status <= 599 else "other"], n)
+                code = str(status) if 100 <= status <= 599 else "other"
+                by_code[code] = by_code.get(code, 0) + n
+            for code, n in by_code.items():
+                reqs.add_metric([m, code], n)
         yield reqs
         yield _hist_family("teraproxy_request_duration_seconds", "Time to the last byte",
                            ((m, pm.duration) for m, pm in models))

@@ -373,3 +373,18 @@ def test_forwarded_node_quotes_ipv6_and_bounds_the_chain() -> None:
     xff = next(line for line in forwarding(many, [], "127.0.0.1", False).split(b"\r\n")
                if line.startswith(b"X-Forwarded-For"))
     assert len(xff) <= MAX_CHAIN + 20 and xff.endswith(b", 127.0.0.1")  # the hops nearest us are kept
+
+
+async def test_no_102_for_a_pipelined_http10_request(cluster: Cluster) -> None:
+    """The probes are for the request being waited on: an HTTP/1.1 one may get 102s, a pipelined
+    HTTP/1.0 one after it never (a 1xx may not go to an HTTP/1.0 client)."""
+    r = await cluster.replica(ttft_ms=800)
+    p = await cluster.proxy([r])
+    body = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    head = (b"POST /v1/chat/completions HTTP/1.%d\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n")
+    two = head % (1, len(body)) + body + head % (0, len(body)) + body
+    raw = await _exchange(p.config.listen.port, two, half=True)
+    statuses = [s for s, _, _ in _answers(raw)]
+    first = statuses.index(200)
+    assert all(s == 102 for s in statuses[:first]) and statuses[first + 1:] == [200], statuses

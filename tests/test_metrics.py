@@ -126,3 +126,19 @@ def test_request_ids_are_unique_hex() -> None:
     assert len(set(ids)) == len(ids)
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
     assert new_request_id("client-given-1") == "client-given-1" and new_request_id("bad\nid") != "bad\nid"
+
+
+async def test_other_codes_are_one_series(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    r = await cluster.replica()
+    p = await cluster.proxy([r])
+    for status in (600, 601):
+        r.faults.fail_status = status
+        async with http.post(f"{p.v1}/chat/completions", data=BODY) as resp:
+            await resp.read()
+    async with http.get(f"{p.admin}/metrics") as resp:
+        text = await resp.text()
+    lines = [ln for ln in text.splitlines()
+             if ln.startswith("teraproxy_requests_total{") and 'code="other"' in ln]
+    assert len(lines) == 1, lines  # one series per label set, as with prometheus-client's Counter
+    fams = list(text_string_to_metric_families(text))  # a strict parser must take it
+    assert fams

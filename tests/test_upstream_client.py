@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import aiohttp
@@ -11,7 +12,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from teraproxy.client import Client, PoolBusy
+from teraproxy.client import Client, PoolBusy, UpstreamTimeout
 from tests.conftest import MODEL, Cluster, paused_stream, wait_for
 
 BODY = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
@@ -312,5 +313,59 @@ async def test_take_body_keeps_receiving_until_on_body_is_replaced() -> None:
         c.release(ex)
     finally:
         await c.close()
+        srv.close()
+        await srv.wait_closed()
+
+
+# -- the idle timer after the head, for every way a head can arrive ------------------------------
+_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+_INTERIM = b"HTTP/1.1 100 Continue\r\n\r\n"
+_IDLE_CASES = {
+    "one read": [_HEAD + b"ab"],
+    "head only": [_HEAD],
+    "split head": [_HEAD[:10], _HEAD[10:] + b"ab"],
+    "split at blank line": [_HEAD[:-2], _HEAD[-2:]],
+    "1xx and head in one read": [_INTERIM + _HEAD + b"ab"],
+    "1xx, then head": [_INTERIM, _HEAD + b"ab"],
+    "1xx split, head split": [_INTERIM[:5], _INTERIM[5:] + _HEAD[:7], _HEAD[7:]],
+}
+
+
+@pytest.mark.parametrize("name", list(_IDLE_CASES))
+async def test_silent_body_after_the_head_is_timed_out(name: str) -> None:
+    """However the head arrives (whole, split, after a 1xx), a replica silent after it meets the idle timeout."""
+    pieces = _IDLE_CASES[name]
+
+    handlers: list[asyncio.Task[None] | None] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        writers.append(writer)
+        await reader.readuntil(b"\r\n\r\n")
+        for p in pieces:
+            writer.write(p)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(10)  # then silence
+
+    srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+    origin = ("127.0.0.1", srv.sockets[0].getsockname()[1], False)
+    c = Client(limit=2, keepalive=4, connect_timeout=1)
+    try:
+        ex = await c.request(origin, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"", 2.0, 0.3)
+        t0 = time.monotonic()
+        with pytest.raises(UpstreamTimeout):
+            await asyncio.wait_for(ex.read_all(1000), 3)
+        assert time.monotonic() - t0 < 1.0
+        c.release(ex)
+    finally:
+        await c.close()
+        for w in writers:
+            w.close()
+        for t in handlers:
+            assert t is not None
+            t.cancel()
+        await asyncio.gather(*(t for t in handlers if t), return_exceptions=True)
         srv.close()
         await srv.wait_closed()

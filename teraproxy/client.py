@@ -477,7 +477,11 @@ class Client:
 
     def _reuse(self, conn: _Conn, now: float) -> None:
         """A connection free for another request: to the first waiter in line (closed to make room
-        if that one waits for another origin), else into the idle pool."""
+        if that one waits for another origin), else into the idle pool; closed while a reload's
+        lowered limit is exceeded."""
+        if self.open > self.limit:
+            self._close(conn)
+            return
         while self._waiters:
             want, fut = self._waiters.popleft()
             if fut.done():  # gave up (timeout, client gone)
@@ -619,8 +623,9 @@ class Client:
                 self._freed()
 
     def _freed(self) -> None:
-        """A slot is free: it goes to the first live waiter (counted for it at once), else back."""
-        while self._waiters:
+        """A slot is free: it goes to the first live waiter (counted for it at once), else back; not
+        while a reload's lowered limit is exceeded (then the slot is gone)."""
+        while self._waiters and self.open <= self.limit:
             _, fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_result(None)

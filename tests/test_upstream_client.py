@@ -369,3 +369,40 @@ async def test_silent_body_after_the_head_is_timed_out(name: str) -> None:
         await asyncio.gather(*(t for t in handlers if t), return_exceptions=True)
         srv.close()
         await srv.wait_closed()
+
+
+async def test_a_lowered_limit_holds_while_requests_wait() -> None:
+    """configure() with a lower max_connections: freed slots and returned connections are not handed
+    on until the pool is back under the new limit, even with waiters in line."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read(1)
+
+    srv = await asyncio.start_server(hold, "127.0.0.1", 0)
+    origin = ("127.0.0.1", srv.sockets[0].getsockname()[1], False)
+    loop = asyncio.get_running_loop()
+    c = Client(limit=3, keepalive=4, connect_timeout=2)
+    try:
+        held = [(await c._acquire(origin, loop))[0] for _ in range(3)]
+        waiters = [asyncio.ensure_future(c._acquire(origin, loop)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        c.configure(1, 4, 2)
+        c._close(held[0])  # 3 open > 1: the slot goes away, nobody gets it
+        c._close(held[1])
+        await asyncio.sleep(0.05)
+        assert c.open == 1 and not any(w.done() for w in waiters)
+        c._close(held[2])  # back at the limit: this slot goes to the first waiter
+        got, _ = await asyncio.wait_for(waiters[0], 2)
+        assert c.open == 1 and not waiters[1].done()
+        c._close(got)
+        await asyncio.wait_for(waiters[1], 2)
+        assert c.open == 1
+        waiters[1].result()[0].transport.close()
+    finally:
+        await c.close()
+        for w in accepted:
+            w.close()
+        srv.close()
+        await srv.wait_closed()

@@ -44,7 +44,6 @@ log = logging.getLogger("teraproxy")
 
 CLIENT_HIGH_WATER = 256 * 1024  # bytes queued for a client above which its replica is paused
 _DONE = b"data: [DONE]\n\n"
-PENDING, COMMITTED, FINISHED = "pending", "committed", "finished"
 # Access-log codes of streams that broke after the commit point (stable: dashboards key on them).
 BROKE_STREAM = "upstream_broke_stream"
 BROKE_TIMEOUT = "upstream_timeout"
@@ -69,15 +68,15 @@ class AttemptFailed(Exception):
 
 
 class Attempt:
-    """The life of one attempt: its replica, the breaker's grant, its state and its verdict."""
+    """The life of one attempt: its replica, the breaker's grant and its verdict (pending until
+    ``commit``, finished at ``finish``; the context's ``committed`` says which side of the commit point)."""
 
-    __slots__ = ("ctx", "grant", "ok", "replica", "state")
+    __slots__ = ("ctx", "grant", "ok", "replica")
 
     def __init__(self, ctx: Ctx, replica: Replica, grant: int) -> None:
         self.ctx = ctx
         self.replica = replica
         self.grant = grant  # what the replica's breaker granted (ALLOWED or the half-open PROBE)
-        self.state = PENDING
         self.ok: bool | None = None  # the verdict; None: none yet (or the client left first)
         ctx.attempts += 1
         ctx.replica = replica.url
@@ -86,7 +85,6 @@ class Attempt:
 
     def commit(self) -> None:
         """The response is committed to the client: no other answer is possible any more."""
-        self.state = COMMITTED
         self.ctx.committed = True
         self.ctx.ttfb = time.monotonic() - self.ctx.t0
         self.replica.record(True, self.grant)  # a half-open probe is judged at the commit
@@ -112,7 +110,6 @@ class Attempt:
             self.ok = True
 
     def finish(self) -> None:
-        self.state = FINISHED
         replica = self.replica
         replica.in_flight -= 1
         if self.ok is None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """1 vs N teraproxy instances on one port (listen_reuse_port), one round each.
 
-    flock /work/bench.lock python bench/instances_bench.py [--instances 1,2] [--duration 5]
+    python bench/instances_bench.py [--instances 1,2] [--duration 5]
 
 Starts one `teraproxy sim` (no token delay, so the proxy is the bottleneck), then for each instance
 count N starts N `teraproxy serve` processes sharing the API port (SO_REUSEPORT, each with its own
@@ -15,7 +15,6 @@ A benchmark script, not a test.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import signal
 import socket
@@ -28,22 +27,15 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = "Qwen/Qwen3-8B"
-TICK = os.sysconf("SC_CLK_TCK")
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from bench.procs import cpu_seconds, free_port  # noqa: E402
+from bench.targets import MODEL  # noqa: E402
 
 
 def cpu_s(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+    return cpu_seconds([pid])
 
 
 def wait_port(port: int, timeout: float = 15.0) -> None:

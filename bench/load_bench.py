@@ -22,7 +22,7 @@ one markdown table per scenario (also written as JSON under bench/results/ or --
   cpu       proxy CPU per non-streamed request (proxy pinned to CPU 1): today's path (load reports
             off, no max_in_flight) vs load reports on + max_in_flight high enough never to queue.
 
-Run it under the bench lock (`flock /work/bench.lock python bench/load_bench.py`); one round each.
+Run it on a quiet machine (`python bench/load_bench.py`); one round each.
 """
 
 from __future__ import annotations

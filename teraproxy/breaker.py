@@ -5,6 +5,10 @@ probe request is let through; its success closes the breaker, its failure re-ope
 twice the last open period, capped at ``max_open_s``. 4xx answers are not failures: the
 caller decides what to record. ``close()`` is the verdict of a trial run elsewhere (the health
 check's warm-up generation): it closes the breaker whatever its state.
+
+Each half-open trial's grant is a number of its own (``PROBE`` or above, see :func:`is_probe`), so
+the verdict of a probe that outlived its trial (the breaker was closed by ``close()`` and has
+tripped again since) is never taken for the verdict of the trial now in flight.
 """
 
 from __future__ import annotations
@@ -12,15 +16,20 @@ from __future__ import annotations
 from collections.abc import Callable
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
-DENIED, ALLOWED, PROBE = 0, 1, 2  # what acquire() grants
+DENIED, ALLOWED, PROBE = 0, 1, 2  # what acquire() grants: a probe's grant is PROBE or above
+
+
+def is_probe(grant: int) -> bool:
+    return grant >= PROBE
 
 
 class Breaker:
     __slots__ = (
         "_fails",
+        "_next_probe",
         "_open_for",
         "_opened_at",
-        "_probing",
+        "_probe",
         "clock",
         "failures",
         "max_open_s",
@@ -36,7 +45,8 @@ class Breaker:
         self._fails = 0
         self._opened_at: float | None = None  # None: closed
         self._open_for = 0.0
-        self._probing = False
+        self._probe = 0  # the grant of the trial in flight; 0: none
+        self._next_probe = PROBE
         self.trips = 0
 
     @property
@@ -48,7 +58,7 @@ class Breaker:
     def available(self) -> bool:
         """Could a request be sent now? (Does not take the half-open probe slot.)"""
         st = self.state
-        return st == CLOSED or (st == HALF_OPEN and not self._probing)
+        return st == CLOSED or (st == HALF_OPEN and not self._probe)
 
     def acquire(self) -> int:
         """Permission to send one request: DENIED, ALLOWED, or PROBE (the single half-open try).
@@ -56,26 +66,26 @@ class Breaker:
         st = self.state
         if st == CLOSED:
             return ALLOWED
-        if st == HALF_OPEN and not self._probing:
-            self._probing = True
-            return PROBE
+        if st == HALF_OPEN and not self._probe:
+            self._probe, self._next_probe = self._next_probe, self._next_probe + 1
+            return self._probe
         return DENIED
 
     def trial_in_flight(self) -> bool:
         """Half-open with its one probe request out: its verdict is due."""
-        return self._probing and self.state == HALF_OPEN
+        return bool(self._probe) and self.state == HALF_OPEN
 
     def release(self, grant: int) -> None:
         """The request ended without a verdict (its client went away)."""
-        if grant == PROBE:
-            self._probing = False
+        if is_probe(grant) and grant == self._probe:
+            self._probe = 0
 
     def record(self, ok: bool, grant: int = ALLOWED) -> None:
         if self._opened_at is not None:
             # open or half-open: only the probe's verdict counts; a request sent before the trip
             # that ends now says nothing about the replica since
-            if grant == PROBE and self._probing:
-                self._probing = False
+            if is_probe(grant) and grant == self._probe:
+                self._probe = 0
                 if ok:
                     self._close()
                 else:  # the probe failed: open again, twice as long
@@ -92,7 +102,7 @@ class Breaker:
         """The replica passed a trial outside the breaker: closed, failure count cleared. A probe
         still in flight ends as an ordinary request (its verdict counts like any other)."""
         self._close()
-        self._probing = False
+        self._probe = 0  # that probe's grant now matches no trial
 
     def _close(self) -> None:
         self._fails = 0

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from teraproxy.admission import Admission
-from teraproxy.breaker import PROBE, Breaker
+from teraproxy.breaker import Breaker, is_probe
 from teraproxy.config import Config, ModelConfig, ReplicaConfig
 
 if TYPE_CHECKING:
@@ -152,13 +152,13 @@ class Replica:
     def record(self, ok: bool, grant: int) -> None:
         """The verdict of a request the breaker granted (see Breaker.record)."""
         self.breaker.record(ok, grant)
-        if grant == PROBE:
+        if is_probe(grant):
             self._judged()
 
     def release(self, grant: int) -> None:
         """A granted request ended without a verdict (its client went away)."""
         self.breaker.release(grant)
-        if grant == PROBE:
+        if is_probe(grant):
             self._judged()
 
     def trial_pending(self, model: str) -> bool:

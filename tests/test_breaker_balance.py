@@ -6,7 +6,7 @@ import random
 from collections import Counter
 
 from teraproxy.balance import RetryBudget, pick
-from teraproxy.breaker import ALLOWED, CLOSED, DENIED, HALF_OPEN, OPEN, PROBE, Breaker
+from teraproxy.breaker import ALLOWED, CLOSED, DENIED, HALF_OPEN, OPEN, Breaker, is_probe
 from teraproxy.config import parse_config
 from teraproxy.upstreams import build_table
 
@@ -32,19 +32,19 @@ def test_breaker_opens_half_opens_and_backs_off() -> None:
     assert b.state == OPEN and not b.available() and b.acquire() == DENIED and b.retry_in() == 10
     c.t += 10
     assert b.state == HALF_OPEN and b.available()
-    assert b.acquire() == PROBE  # the one probe
+    assert is_probe(p1 := b.acquire())  # the one probe
     assert b.acquire() == DENIED and not b.available()  # exactly one
-    b.record(False, PROBE)  # probe failed: open twice as long
+    b.record(False, p1)  # probe failed: open twice as long
     assert b.state == OPEN and b.retry_in() == 20
     c.t += 20
-    assert b.acquire() == PROBE
-    b.record(False, PROBE)
+    assert is_probe(p2 := b.acquire())
+    b.record(False, p2)
     assert b.retry_in() == 25  # capped at max_open
     c.t += 25
-    assert b.acquire() == PROBE
-    b.release(PROBE)  # probe ended without a verdict (client left): slot free again
-    assert b.acquire() == PROBE
-    b.record(True, PROBE)
+    assert is_probe(p3 := b.acquire())
+    b.release(p3)  # probe ended without a verdict (client left): slot free again
+    assert is_probe(p4 := b.acquire())
+    b.record(True, p4)
     assert b.state == CLOSED and b.acquire() == ALLOWED and b.acquire() == ALLOWED
 
 
@@ -55,7 +55,7 @@ def test_only_the_probe_decides_half_open() -> None:
     b.record(False)  # ...another one trips the breaker
     c.t += 10
     probe = b.acquire()
-    assert old == ALLOWED and probe == PROBE
+    assert old == ALLOWED and is_probe(probe)
     b.release(old)  # the old request's client leaves: the probe keeps its slot
     assert b.acquire() == DENIED
     b.record(False, old)  # the old request fails late: not the probe's verdict
@@ -76,11 +76,32 @@ def test_close_is_a_trial_passed_elsewhere() -> None:
     b.record(False)
     c.t += 10
     probe = b.acquire()
-    assert probe == PROBE and b.trial_in_flight() and not b.available()
+    assert is_probe(probe) and b.trial_in_flight() and not b.available()
     b.close()  # closed while the probe is out: everyone may go, the probe ends as an ordinary request
     assert b.state == CLOSED and not b.trial_in_flight() and b.acquire() == ALLOWED
     b.record(False, probe)
     assert b.state == CLOSED  # one failure, not a failed trial
+
+
+def test_a_probe_that_outlived_its_trial_does_not_judge_the_next_one() -> None:
+    """close() while a probe is out, a new trip, a new trial: the old probe's late verdict is not the
+    new trial's (it was counted as the new trial's when every probe's grant was the same PROBE)."""
+    c = Clock()
+    b = Breaker(failures=1, open_s=10, max_open_s=60, clock=c)
+    b.record(False)
+    c.t += 10
+    old = b.acquire()
+    b.close()  # the health check's warm-up passed meanwhile
+    b.record(False)  # and the replica failed again: open
+    c.t += 10
+    new = b.acquire()
+    assert is_probe(old) and is_probe(new) and old != new
+    b.record(True, old)  # the old probe finally answers
+    assert b.state == HALF_OPEN and b.trial_in_flight()  # still waiting for the new trial's verdict
+    b.record(False, old)
+    assert b.state == HALF_OPEN and b.retry_in() == 0
+    b.record(False, new)
+    assert b.state == OPEN and b.retry_in() == 20
 
 
 def test_late_failure_of_old_request_does_not_extend_open() -> None:

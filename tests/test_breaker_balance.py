@@ -32,18 +32,22 @@ def test_breaker_opens_half_opens_and_backs_off() -> None:
     assert b.state == OPEN and not b.available() and b.acquire() == DENIED and b.retry_in() == 10
     c.t += 10
     assert b.state == HALF_OPEN and b.available()
-    assert is_probe(p1 := b.acquire())  # the one probe
+    p1 = b.acquire()
+    assert is_probe(p1)  # the one probe
     assert b.acquire() == DENIED and not b.available()  # exactly one
     b.record(False, p1)  # probe failed: open twice as long
     assert b.state == OPEN and b.retry_in() == 20
     c.t += 20
-    assert is_probe(p2 := b.acquire())
+    p2 = b.acquire()
+    assert is_probe(p2)
     b.record(False, p2)
     assert b.retry_in() == 25  # capped at max_open
     c.t += 25
-    assert is_probe(p3 := b.acquire())
+    p3 = b.acquire()
+    assert is_probe(p3)
     b.release(p3)  # probe ended without a verdict (client left): slot free again
-    assert is_probe(p4 := b.acquire())
+    p4 = b.acquire()
+    assert is_probe(p4)
     b.record(True, p4)
     assert b.state == CLOSED and b.acquire() == ALLOWED and b.acquire() == ALLOWED
 

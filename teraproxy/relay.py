@@ -76,7 +76,7 @@ class Attempt:
     def __init__(self, ctx: Ctx, replica: Replica, grant: int) -> None:
         self.ctx = ctx
         self.replica = replica
-        self.grant = grant  # what the replica's breaker granted (ALLOWED or the half-open PROBE)
+        self.grant = grant  # what the replica's breaker granted (ALLOWED, or a half-open trial's probe grant)
         self.ok: bool | None = None  # the verdict; None: none yet (or the client left first)
         ctx.attempts += 1
         ctx.replica = replica.url
@@ -321,20 +321,12 @@ async def _pump(request: web.Request, resp: web.StreamResponse, att: Attempt, ex
     except ConnectionError:
         return sink  # the client went away: the caller sees a closing transport
 
-    # per upstream read: sink.write and sink.full written out (two Python calls less per chunk)
-    closing, buffered = transport.is_closing, transport.get_write_buffer_size
-    write, writelines, chunked = transport.write, transport.writelines, sink.chunked
+    write = sink.write
 
     def after_commit(data: bytes) -> None:
         out = feed(data)
         if out:
-            if closing():
-                return
-            if chunked:
-                writelines((b"%x\r\n" % len(out), out, b"\r\n"))
-            else:
-                write(out)
-            if buffered() > CLIENT_HIGH_WATER:
+            if write(out):
                 ex.pause()  # the client reads slower than the replica writes: stop reading
                 ex.wake()
         elif on_nothing is not None:
@@ -379,16 +371,17 @@ class _Sink:
         self.transport = transport
         self.chunked = chunked
 
-    def write(self, out: bytes) -> None:
-        if not out or self.transport.is_closing():
-            return
+    def write(self, out: bytes) -> bool:
+        """Write ``out``; True when the client's buffer is now over CLIENT_HIGH_WATER (one call per
+        upstream read, so it answers both)."""
+        transport = self.transport
+        if not out or transport.is_closing():
+            return False
         if self.chunked:
-            self.transport.writelines((b"%x\r\n" % len(out), out, b"\r\n"))
+            transport.writelines((b"%x\r\n" % len(out), out, b"\r\n"))
         else:
-            self.transport.write(out)
-
-    def full(self) -> bool:
-        return self.transport.get_write_buffer_size() > CLIENT_HIGH_WATER
+            transport.write(out)
+        return transport.get_write_buffer_size() > CLIENT_HIGH_WATER
 
 
 def _tapped(feed: Callable[[bytes], bytes], tap: usage.UsageTap) -> Callable[[bytes], bytes]:

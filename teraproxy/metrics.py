@@ -76,8 +76,12 @@ class Metrics:
         self.registry.register(_TableCollector(live))
         self.registry.register(LiveCollector(live))
 
+    def _label(self, model: str | None) -> str:
+        """The model label: a configured model, else NO_MODEL (never a client's string)."""
+        return model if model is not None and model in self.live.current.table else NO_MODEL
+
     def _model(self, model: str | None) -> _PerModel:
-        m = model if model is not None and model in self.live.current.table else NO_MODEL
+        m = self._label(model)
         pm = self.models.get(m)
         if pm is None:
             pm = self.models[m] = _PerModel()
@@ -99,7 +103,7 @@ class Metrics:
             pm.bad_frames += bad_frames
 
     def tokens(self, model: str | None, key: str | None, prompt: int, completion: int) -> None:
-        m = model if model is not None and model in self.live.current.table else NO_MODEL
+        m = self._label(model)
         counts = self.token_counts.get((m, key or ""))
         if counts is None:
             counts = self.token_counts[(m, key or "")] = [0, 0]
@@ -112,7 +116,7 @@ class Metrics:
     def stream_broken(self, model: str | None, replica: str | None) -> None:
         """Labels stay bounded: both come from the config (a request reaches a replica only after
         its model was found)."""
-        m = model if model is not None and model in self.live.current.table else NO_MODEL
+        m = self._label(model)
         self.streams_broken.labels(m, replica or "").inc()
 
     def queue_wait(self, model: str | None, seconds: float) -> None:

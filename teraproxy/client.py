@@ -133,8 +133,10 @@ class Exchange:
         self.status = status
         self.headers_done = True
         self.last_data = self.loop.time()
-        self._cancel_timer()  # the idle timer is armed after this read (_Conn.data_received), unless the
-        self.wake()           # body came with the head: then no second timer is made at all
+        # the idle timer is armed after this read (_Conn.data_received), unless the body came with
+        # the head: then no second timer is made at all
+        self._cancel_timer()
+        self.wake()
 
     def _arm_idle(self) -> None:
         if self._timer is None and not self.complete and self.error is None:

@@ -14,9 +14,9 @@ Invariants:
   included; each is counted (metrics, access log) and logged at most once per ``LOG_EVERY`` seconds;
 - a half-close (EOF after a complete request) is not a disconnect: the request is answered, then the
   connection closes. A client that is really gone is found by writing to it: the answer's own bytes
-  once it has begun, before that an interim ``102 Processing`` ``PROBE_SOON`` and twice that after the EOF,
-  then every ``PROBE_EVERY`` seconds (HTTP/1.1
-  only; a 1xx may not go to an HTTP/1.0 client) — the second write to a closed socket fails, aiohttp's
+  once it has begun, before that an interim ``102 Processing`` ``PROBE_SOON`` and twice that after
+  the EOF, then every ``PROBE_EVERY`` seconds (HTTP/1.1 only; a 1xx may not go to an HTTP/1.0
+  client) — the second write to a closed socket fails, aiohttp's
   ``connection_lost`` cancels the handler and with it the replica's request;
 - ``100 Continue`` goes out only when the body is about to be read (after the key and size checks).
 """

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -42,7 +44,10 @@ async def test_idle_connections_of_one_replica_do_not_starve_another(cluster: Cl
     assert await asyncio.wait_for(_post(http, f"{p.v1}/chat/completions", body), 3) == 200
 
 
-async def test_pool_wait_is_bounded_and_wakeups_are_not_lost() -> None:
+@contextlib.asynccontextmanager
+async def _holding_server() -> AsyncIterator[tuple[str, int, bool]]:
+    """A loopback server that accepts connections and holds them open, answering nothing; yields
+    its origin for Client."""
     accepted: list[asyncio.StreamWriter] = []
 
     async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -50,32 +55,39 @@ async def test_pool_wait_is_bounded_and_wakeups_are_not_lost() -> None:
         await reader.read(1)
 
     srv = await asyncio.start_server(hold, "127.0.0.1", 0)
-    origin = ("127.0.0.1", srv.sockets[0].getsockname()[1], False)
-    loop = asyncio.get_running_loop()
-    c = Client(limit=1, keepalive=4, connect_timeout=0.3)
     try:
-        held, _ = await c._acquire(origin, loop)
-        try:  # the only slot is busy: a waiter gives up after connect_timeout
-            await c._acquire(origin, loop)
-            raise AssertionError("expected a timeout")
-        except PoolBusy as e:
-            assert "max_connections" in str(e)
-        b = asyncio.create_task(c._acquire(origin, loop))
-        d = asyncio.create_task(c._acquire(origin, loop))
-        await asyncio.sleep(0.01)
-        c._close(held)  # frees the slot and wakes b...
-        b.cancel()  # ...whose client leaves in the same tick: d must get the slot instead
-        conn, reused = await asyncio.wait_for(d, 1)
-        assert not reused and c.open == 1
-        c._close(conn)
-        assert c.open == 0
+        yield ("127.0.0.1", srv.sockets[0].getsockname()[1], False)
     finally:
-        await c.close()
         srv.close()
         for w in accepted:
             w.close()
-            await w.wait_closed()
+            with contextlib.suppress(ConnectionError):
+                await w.wait_closed()
         await srv.wait_closed()
+
+
+async def test_pool_wait_is_bounded_and_wakeups_are_not_lost() -> None:
+    loop = asyncio.get_running_loop()
+    c = Client(limit=1, keepalive=4, connect_timeout=0.3)
+    async with _holding_server() as origin:
+        try:
+            held, _ = await c._acquire(origin, loop)
+            try:  # the only slot is busy: a waiter gives up after connect_timeout
+                await c._acquire(origin, loop)
+                raise AssertionError("expected a timeout")
+            except PoolBusy as e:
+                assert "max_connections" in str(e)
+            b = asyncio.create_task(c._acquire(origin, loop))
+            d = asyncio.create_task(c._acquire(origin, loop))
+            await asyncio.sleep(0.01)
+            c._close(held)  # frees the slot and wakes b...
+            b.cancel()  # ...whose client leaves in the same tick: d must get the slot instead
+            conn, reused = await asyncio.wait_for(d, 1)
+            assert not reused and c.open == 1
+            c._close(conn)
+            assert c.open == 0
+        finally:
+            await c.close()
 
 
 async def test_slow_client_is_not_blamed_on_the_replica(cluster: Cluster) -> None:
@@ -190,84 +202,60 @@ async def test_interim_1xx_answer_is_skipped(cluster: Cluster, http: aiohttp.Cli
         await srv.wait_closed()
 
 
-async def _holding_server() -> tuple[asyncio.Server, list[asyncio.StreamWriter]]:
-    accepted: list[asyncio.StreamWriter] = []
-
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)
-        await reader.read(1)
-
-    return await asyncio.start_server(hold, "127.0.0.1", 0), accepted
-
-
-async def _close_server(srv: asyncio.Server, accepted: list[asyncio.StreamWriter]) -> None:
-    srv.close()
-    for w in accepted:
-        w.close()
-        await w.wait_closed()
-    await srv.wait_closed()
-
-
 async def test_wakeup_in_the_same_turn_as_a_deadline_is_passed_on() -> None:
-    import time
-
-    srv, accepted = await _holding_server()
-    origin = ("127.0.0.1", srv.sockets[0].getsockname()[1], False)
     loop = asyncio.get_running_loop()
-    c = Client(limit=1, keepalive=5, connect_timeout=0.5)
-    try:
-        held, _ = await c._acquire(origin, loop)
-        t0 = loop.time()
-        a = asyncio.create_task(c._acquire(origin, loop))  # deadline t0 + 0.5
-        await asyncio.sleep(0.1)
-        b = asyncio.create_task(c._acquire(origin, loop))  # deadline t0 + 0.6
-        await asyncio.sleep(0)
-        # a busy loop spans a's deadline; the slot is freed just before it, in the same turn
-        loop.call_at(t0 + 0.45, time.sleep, 0.1)
-        loop.call_at(t0 + 0.49, c._close, held)
-        await asyncio.gather(a, return_exceptions=True)
-        conn, _ = await b  # b must get the free slot, not time out beside it
-        c._close(conn)
-        assert c.open == 0
-    finally:
-        await c.close()
-        await _close_server(srv, accepted)
+    async with _holding_server() as origin:
+        c = Client(limit=1, keepalive=5, connect_timeout=0.5)
+        try:
+            held, _ = await c._acquire(origin, loop)
+            t0 = loop.time()
+            a = asyncio.create_task(c._acquire(origin, loop))  # deadline t0 + 0.5
+            await asyncio.sleep(0.1)
+            b = asyncio.create_task(c._acquire(origin, loop))  # deadline t0 + 0.6
+            await asyncio.sleep(0)
+            # a busy loop spans a's deadline; the slot is freed just before it, in the same turn
+            loop.call_at(t0 + 0.45, time.sleep, 0.1)
+            loop.call_at(t0 + 0.49, c._close, held)
+            await asyncio.gather(a, return_exceptions=True)
+            conn, _ = await b  # b must get the free slot, not time out beside it
+            c._close(conn)
+            assert c.open == 0
+        finally:
+            await c.close()
 
 
 async def test_cancelled_connect_frees_its_slot_once(monkeypatch: Any) -> None:
     from teraproxy import client as client_mod
 
-    srv, accepted = await _holding_server()
-    origin = ("127.0.0.1", srv.sockets[0].getsockname()[1], False)
     loop = asyncio.get_running_loop()
-    c = Client(limit=1, keepalive=5, connect_timeout=1)
-    victim: list[asyncio.Task[Any]] = []
-    original = client_mod._Conn.connection_made
+    async with _holding_server() as origin:
+        c = Client(limit=1, keepalive=5, connect_timeout=1)
+        victim: list[asyncio.Task[Any]] = []
+        original = client_mod._Conn.connection_made
 
-    def made(self: Any, transport: Any) -> None:  # timing only: cancel in the turn the socket connects
-        original(self, transport)
-        if victim and not victim[0].done():
-            victim[0].cancel()
+        def made(self: Any, transport: Any) -> None:  # timing only: cancel in the turn the socket connects
+            original(self, transport)
+            if victim and not victim[0].done():
+                victim[0].cancel()
 
-    try:
-        monkeypatch.setattr(client_mod._Conn, "connection_made", made)
-        c.open += 1  # the slot _acquire would have taken
-        victim.append(asyncio.create_task(c._dial(origin, loop)))
-        await asyncio.gather(victim[0], return_exceptions=True)
-        monkeypatch.undo()
-        await asyncio.sleep(0.05)
-        assert c.open == 0  # freed once, not twice
-        conn, _ = await c._acquire(origin, loop)
-        assert c.open == 1
-        try:  # and the limit still holds
-            await c._acquire(origin, loop)
-            raise AssertionError("a second connection beyond the limit")
-        except PoolBusy:
-            pass
-        c._close(conn)
-    finally:
-        await c.close()
-        await _close_server(srv, accepted)
+        try:
+            monkeypatch.setattr(client_mod._Conn, "connection_made", made)
+            c.open += 1  # the slot _acquire would have taken
+            victim.append(asyncio.create_task(c._dial(origin, loop)))
+            await asyncio.gather(victim[0], return_exceptions=True)
+            monkeypatch.undo()
+            await asyncio.sleep(0.05)
+            assert c.open == 0  # freed once, not twice
+            conn, _ = await c._acquire(origin, loop)
+            assert c.open == 1
+            try:  # and the limit still holds
+                await c._acquire(origin, loop)
+                raise AssertionError("a second connection beyond the limit")
+            except PoolBusy:
+                pass
+            c._close(conn)
+        finally:
+            await c.close()
 
 
 async def test_stalled_client_is_disconnected_and_replica_freed(cluster: Cluster,
@@ -374,35 +362,24 @@ async def test_silent_body_after_the_head_is_timed_out(name: str) -> None:
 async def test_a_lowered_limit_holds_while_requests_wait() -> None:
     """configure() with a lower max_connections: freed slots and returned connections are not handed
     on until the pool is back under the new limit, even with waiters in line."""
-    accepted: list[asyncio.StreamWriter] = []
-
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)
-        await reader.read(1)
-
-    srv = await asyncio.start_server(hold, "127.0.0.1", 0)
-    origin = ("127.0.0.1", srv.sockets[0].getsockname()[1], False)
     loop = asyncio.get_running_loop()
     c = Client(limit=3, keepalive=4, connect_timeout=2)
-    try:
-        held = [(await c._acquire(origin, loop))[0] for _ in range(3)]
-        waiters = [asyncio.ensure_future(c._acquire(origin, loop)) for _ in range(2)]
-        await asyncio.sleep(0.05)
-        c.configure(1, 4, 2)
-        c._close(held[0])  # 3 open > 1: the slot goes away, nobody gets it
-        c._close(held[1])
-        await asyncio.sleep(0.05)
-        assert c.open == 1 and not any(w.done() for w in waiters)
-        c._close(held[2])  # back at the limit: this slot goes to the first waiter
-        got, _ = await asyncio.wait_for(waiters[0], 2)
-        assert c.open == 1 and not waiters[1].done()
-        c._close(got)
-        await asyncio.wait_for(waiters[1], 2)
-        assert c.open == 1
-        waiters[1].result()[0].transport.close()
-    finally:
-        await c.close()
-        for w in accepted:
-            w.close()
-        srv.close()
-        await srv.wait_closed()
+    async with _holding_server() as origin:
+        try:
+            held = [(await c._acquire(origin, loop))[0] for _ in range(3)]
+            waiters = [asyncio.ensure_future(c._acquire(origin, loop)) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            c.configure(1, 4, 2)
+            c._close(held[0])  # 3 open > 1: the slot goes away, nobody gets it
+            c._close(held[1])
+            await asyncio.sleep(0.05)
+            assert c.open == 1 and not any(w.done() for w in waiters)
+            c._close(held[2])  # back at the limit: this slot goes to the first waiter
+            got, _ = await asyncio.wait_for(waiters[0], 2)
+            assert c.open == 1 and not waiters[1].done()
+            c._close(got)
+            await asyncio.wait_for(waiters[1], 2)
+            assert c.open == 1
+            waiters[1].result()[0].transport.close()
+        finally:
+            await c.close()

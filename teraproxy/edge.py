@@ -32,13 +32,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http import HttpVersion11, RawRequestMessage
+from aiohttp.helpers import ceil_timeout
+from aiohttp.http import HttpVersion11, RawRequestMessage, StreamWriter
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import _PAYLOAD_ACCESS_ERROR, ERROR, RequestHandler, _ErrInfo
 
 from teraproxy.accesslog import AccessLog
 from teraproxy.errors import BadHttpRequest, GatewayTimeout, ProxyError
 from teraproxy.metrics import Metrics
+from teraproxy.reply import Sent
 
 log = logging.getLogger("teraproxy")
 
@@ -147,9 +149,97 @@ class Protocol(RequestHandler):
     async def finish_response(self, request: Any, resp: web.StreamResponse,
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:
         try:
+            if isinstance(resp, Sent) and not self._upgraded:  # written already: nothing to prepare
+                return resp, False
             return await super().finish_response(request, resp, start_time)
         finally:
             self._answered += 1
+
+    # -- the request loop ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """aiohttp's request loop (RequestHandler.start) with the handler awaited in this task
+        instead of a new Task per request: on Python < 3.12 aiohttp cannot start that task eagerly,
+        so each request paid for a Task and two more turns of the event loop (it exists to give each
+        handler a copy of the context variables, which nothing here sets). Cancelling this task
+        (aiohttp's connection_lost, with handler_cancellation) cancels the handler as before."""
+        loop = self._loop
+        manager = self._manager
+        assert manager is not None and self._request_factory is not None and self._request_handler is not None
+        factory, handler, messages = self._request_factory, self._request_handler, self._messages
+        me = asyncio.current_task(loop)
+        while not self._force_close:
+            if not messages:
+                try:
+                    self._waiter = loop.create_future()
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            message, payload = messages.popleft()
+            if self._parser is not None:
+                self._parser.message_consumed()
+            if self._buffer_paused and len(messages) <= self._msg_queue_resume_size:
+                self._resume_reading_if_drained()
+            manager.requests_count += 1
+            writer = StreamWriter(self, loop)
+            if isinstance(message, _ErrInfo):
+                request_handler, message = self._make_error_handler(message), ERROR
+            else:
+                request_handler = handler
+            request = factory(message, payload, self, writer, self._task_handler or me)  # type: ignore[arg-type]
+            resp = None
+            try:
+                try:
+                    resp, reset = await self._handle_request(
+                        request, loop.time() if self._logging_enabled else None, request_handler)
+                except ConnectionError:
+                    break
+                if reset:
+                    break
+                self._keepalive = bool(resp.keep_alive)
+                if not payload.is_eof():
+                    await self._linger(payload)
+                payload.set_exception(_PAYLOAD_ACCESS_ERROR)
+            except asyncio.CancelledError:
+                self.force_close()
+                raise
+            except Exception as exc:
+                self.log_exception("Unhandled exception", exc_info=exc)
+                self.force_close()
+            except BaseException:
+                self.force_close()
+                raise
+            finally:
+                request._task = None  # type: ignore[assignment]  # no reference cycle through a traceback
+            if self._keepalive and not self._close and not self._force_close:
+                close_time = loop.time() + self._keepalive_timeout
+                self._next_keepalive_close_time = close_time
+                if self._keepalive_handle is None:
+                    self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
+            else:
+                break
+        if not self._force_close:
+            self._task_handler = None
+            if self.transport is not None:
+                self.transport.close()
+
+    async def _linger(self, payload: Any) -> None:
+        """aiohttp's lingering close: read (and drop) the rest of a body the answer did not need,
+        for up to ``lingering_time`` seconds, so the close does not reset the answer; then close."""
+        loop = self._loop
+        now = loop.time()
+        end = now + self._lingering_time
+        if not self._force_close and self._lingering_time:
+            try:
+                while not payload.is_eof() and now < end:
+                    async with ceil_timeout(end - now):
+                        await payload.readany()
+                    now = loop.time()
+            except (TimeoutError, asyncio.CancelledError):
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+        if not payload.is_eof() and not self._force_close:
+            self.close()
 
     # -- half-closed clients --------------------------------------------------------------------
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio.Protocol's contract: True keeps it open

@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -48,10 +47,11 @@ def _count(procs: Procs, name: str, argv: list[str], port: int, out: Path, warmu
     subprocess.run(["callgrind_control", "-i", "on", str(p.pid)], check=True, capture_output=True, timeout=120)
     _load(port, n)
     subprocess.run(["callgrind_control", "-i", "off", str(p.pid)], check=True, capture_output=True, timeout=120)
+    # dump now: a process that is slow to exit under valgrind may be SIGKILLed by stop(), losing its counts
+    subprocess.run(["callgrind_control", "-d", str(p.pid)], check=True, capture_output=True, timeout=120)
     procs.stop(p)
-    time.sleep(0.5)
     total = 0
-    for f in out.parent.glob(out.name + "*"):  # one file per process (and per dump)
+    for f in out.parent.glob(out.name + "*"):  # one file per dump (each holds the counts since the last)
         m = re.search(rb"^totals: (\d+)", f.read_bytes(), re.M)
         total += int(m.group(1)) if m else 0
     return total / n

@@ -388,3 +388,51 @@ async def test_no_102_for_a_pipelined_http10_request(cluster: Cluster) -> None:
     statuses = [s for s, _, _ in _answers(raw)]
     first = statuses.index(200)
     assert all(s == 102 for s in statuses[:first]) and statuses[first + 1:] == [200], statuses
+
+
+# -- the request loop (edge.Protocol.start) -----------------------------------------------------------
+async def test_keep_alive_requests_run_in_the_connections_task_and_a_disconnect_cancels_the_handler() -> None:
+    """edge.Protocol awaits each handler in the connection's own task (aiohttp makes a Task per
+    request on Python < 3.12): three requests on one keep-alive connection, pipelined ones included,
+    meet one task, in order; a client that goes away mid-request still cancels its handler."""
+    from teraproxy.app import ACCESS, METRICS, create_app
+    from teraproxy.config import parse_config
+    from teraproxy.edge import Edge, Runner
+
+    app = create_app(parse_config({"listen": "127.0.0.1:1", "auth": "off", "health": {"enabled": False},
+                                   "load": {"enabled": False},
+                                   "models": [{"id": MODEL, "replicas": [{"url": "http://127.0.0.1:1"}]}]}))
+    seen: list[tuple[str, asyncio.Task[Any] | None]] = []
+    cancelled = asyncio.Event()
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        seen.append((request.path, asyncio.current_task()))
+        if request.path == "/hang":
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        return web.Response(body=await request.read())
+
+    runner = Runner(app, Edge(app[ACCESS], app[METRICS]), handler, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nA")
+        await reader.readuntil(b"\r\n\r\nA")
+        # two pipelined requests in one write
+        writer.write(b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nB"
+                     b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nC")
+        await reader.readuntil(b"\r\n\r\nB")
+        await reader.readuntil(b"\r\n\r\nC")
+        writer.write(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wait_for(lambda: len(seen) == 4)
+        writer.transport.abort()  # gone for good (RST): aiohttp's connection_lost cancels the handler
+        await asyncio.wait_for(cancelled.wait(), 5)
+        assert [p for p, _ in seen] == ["/a", "/b", "/c", "/hang"]
+        assert len({id(t) for _, t in seen}) == 1, "a new Task per request"
+    finally:
+        await runner.cleanup()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -244,12 +245,26 @@ def test_refuses_pure_python_http_parser(tmp_path: Path) -> None:
     assert r.returncode == 2 and "pure-Python HTTP parser" in r.stderr and "Traceback" not in r.stderr
 
 
+def _free_pair() -> int:
+    """A port p with p and p + 1 both free now (free_port alone may give one whose neighbour is some
+    connection's ephemeral port)."""
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two adjacent free ports on 127.0.0.1")
+
+
 def test_demo_answers_its_own_curl_line_and_the_sdk(procs: list[subprocess.Popen[bytes]]) -> None:
     import shutil
 
     from openai import OpenAI
 
-    port = free_port()
+    port = _free_pair()  # the demo's admin port is port + 1
     p = subprocess.Popen([sys.executable, "-m", "teraproxy", "demo", "--port", str(port)], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     procs.append(p)

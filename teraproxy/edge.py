@@ -167,6 +167,7 @@ class Protocol(RequestHandler):
         assert manager is not None and self._request_factory is not None and self._request_handler is not None
         factory, handler, messages = self._request_factory, self._request_handler, self._messages
         me = asyncio.current_task(loop)
+        answered = False
         while not self._force_close:
             if not messages:
                 try:
@@ -174,6 +175,21 @@ class Protocol(RequestHandler):
                     await self._waiter
                 finally:
                     self._waiter = None
+            elif answered:
+                # A pipelined request right behind an answer: without a Task per request nothing
+                # else would give the loop back, and one client's burst of quick answers (404s,
+                # 401s) would stall every other connection for a whole read. And a client that
+                # pipelines without reading must not make us hold its answers: wait for the write
+                # buffer to drain below aiohttp's high-water mark first.
+                if self._paused:
+                    try:
+                        await self._drain_helper()
+                    except ConnectionError:
+                        break
+                else:
+                    await asyncio.sleep(0)
+                if self._force_close:
+                    break
             message, payload = messages.popleft()
             if self._parser is not None:
                 self._parser.message_consumed()
@@ -195,6 +211,7 @@ class Protocol(RequestHandler):
                     break
                 if reset:
                     break
+                answered = True
                 self._keepalive = bool(resp.keep_alive)
                 if not payload.is_eof():
                     await self._linger(payload)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import socket
 import subprocess
@@ -435,4 +436,48 @@ async def test_keep_alive_requests_run_in_the_connections_task_and_a_disconnect_
         assert [p for p, _ in seen] == ["/a", "/b", "/c", "/hang"]
         assert len({id(t) for _, t in seen}) == 1, "a new Task per request"
     finally:
+        await runner.cleanup()
+
+
+async def test_pipelined_requests_give_the_loop_back_between_answers() -> None:
+    """Without a Task per request, a burst of pipelined requests with quick answers must still let
+    the loop run other work between them (a ticker rescheduling itself with call_soon stands for the
+    other connections): each request sees the ticker further on than the one before."""
+    from teraproxy.app import ACCESS, METRICS, create_app
+    from teraproxy.config import parse_config
+    from teraproxy.edge import Edge, Runner
+
+    app = create_app(parse_config({"listen": "127.0.0.1:1", "auth": "off", "health": {"enabled": False},
+                                   "load": {"enabled": False},
+                                   "models": [{"id": MODEL, "replicas": [{"url": "http://127.0.0.1:1"}]}]}))
+    loop = asyncio.get_running_loop()
+    ticks = [0]
+    running = [True]
+
+    def tick() -> None:
+        ticks[0] += 1
+        if running[0]:
+            loop.call_soon(tick)
+
+    seen: list[int] = []
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        seen.append(ticks[0])
+        return web.Response(body=b"ok")  # answered without awaiting anything
+
+    runner = Runner(app, Edge(app[ACCESS], app[METRICS]), handler, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        tick()
+        writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n" * 20)
+        for _ in range(20):
+            await reader.readuntil(b"\r\n\r\nok")
+        writer.close()
+        assert len(seen) == 20
+        assert all(b > a for a, b in itertools.pairwise(seen)), seen
+    finally:
+        running[0] = False
         await runner.cleanup()

@@ -161,13 +161,14 @@ class Protocol(RequestHandler):
         instead of a new Task per request: on Python < 3.12 aiohttp cannot start that task eagerly,
         so each request paid for a Task and two more turns of the event loop (it exists to give each
         handler a copy of the context variables, which nothing here sets). Cancelling this task
-        (aiohttp's connection_lost, with handler_cancellation) cancels the handler as before."""
+        (aiohttp's connection_lost, with handler_cancellation) cancels the handler as before. What
+        the Task's turns gave for free is kept by hand: a pipelined request behind an answer waits
+        one loop turn (or for a full write buffer to drain) first."""
         loop = self._loop
         manager = self._manager
         assert manager is not None and self._request_factory is not None and self._request_handler is not None
         factory, handler, messages = self._request_factory, self._request_handler, self._messages
         me = asyncio.current_task(loop)
-        answered = False
         while not self._force_close:
             if not messages:
                 try:
@@ -175,7 +176,7 @@ class Protocol(RequestHandler):
                     await self._waiter
                 finally:
                     self._waiter = None
-            elif answered:
+            elif self._answered:
                 # A pipelined request right behind an answer: without a Task per request nothing
                 # else would give the loop back, and one client's burst of quick answers (404s,
                 # 401s) would stall every other connection for a whole read. And a client that
@@ -202,7 +203,6 @@ class Protocol(RequestHandler):
             else:
                 request_handler = handler
             request = factory(message, payload, self, writer, self._task_handler or me)  # type: ignore[arg-type]
-            resp = None
             try:
                 try:
                     resp, reset = await self._handle_request(
@@ -211,7 +211,6 @@ class Protocol(RequestHandler):
                     break
                 if reset:
                     break
-                answered = True
                 self._keepalive = bool(resp.keep_alive)
                 if not payload.is_eof():
                     await self._linger(payload)

@@ -4,12 +4,14 @@ half-closed clients, models a key may not use, capped echoes, X-Forwarded-* / Fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import logging
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -392,10 +394,9 @@ async def test_no_102_for_a_pipelined_http10_request(cluster: Cluster) -> None:
 
 
 # -- the request loop (edge.Protocol.start) -----------------------------------------------------------
-async def test_keep_alive_requests_run_in_the_connections_task_and_a_disconnect_cancels_the_handler() -> None:
-    """edge.Protocol awaits each handler in the connection's own task (aiohttp makes a Task per
-    request on Python < 3.12): three requests on one keep-alive connection, pipelined ones included,
-    meet one task, in order; a client that goes away mid-request still cancels its handler."""
+@contextlib.asynccontextmanager
+async def _edge_server(handler: Any) -> AsyncIterator[int]:
+    """The API port's runner (edge.Runner, as app.py builds it) serving ``handler`` on loopback: its port."""
     from teraproxy.app import ACCESS, METRICS, create_app
     from teraproxy.config import parse_config
     from teraproxy.edge import Edge, Runner
@@ -403,6 +404,19 @@ async def test_keep_alive_requests_run_in_the_connections_task_and_a_disconnect_
     app = create_app(parse_config({"listen": "127.0.0.1:1", "auth": "off", "health": {"enabled": False},
                                    "load": {"enabled": False},
                                    "models": [{"id": MODEL, "replicas": [{"url": "http://127.0.0.1:1"}]}]}))
+    runner = Runner(app, Edge(app[ACCESS], app[METRICS]), handler, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        yield port
+    finally:
+        await runner.cleanup()
+
+async def test_keep_alive_requests_run_in_the_connections_task_and_a_disconnect_cancels_the_handler() -> None:
+    """edge.Protocol awaits each handler in the connection's own task (aiohttp makes a Task per
+    request on Python < 3.12): three requests on one keep-alive connection, pipelined ones included,
+    meet one task, in order; a client that goes away mid-request still cancels its handler."""
     seen: list[tuple[str, asyncio.Task[Any] | None]] = []
     cancelled = asyncio.Event()
 
@@ -416,11 +430,7 @@ async def test_keep_alive_requests_run_in_the_connections_task_and_a_disconnect_
                 raise
         return web.Response(body=await request.read())
 
-    runner = Runner(app, Edge(app[ACCESS], app[METRICS]), handler, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with _edge_server(handler) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nA")
         await reader.readuntil(b"\r\n\r\nA")
@@ -435,21 +445,12 @@ async def test_keep_alive_requests_run_in_the_connections_task_and_a_disconnect_
         await asyncio.wait_for(cancelled.wait(), 5)
         assert [p for p, _ in seen] == ["/a", "/b", "/c", "/hang"]
         assert len({id(t) for _, t in seen}) == 1, "a new Task per request"
-    finally:
-        await runner.cleanup()
 
 
 async def test_pipelined_requests_give_the_loop_back_between_answers() -> None:
     """Without a Task per request, a burst of pipelined requests with quick answers must still let
     the loop run other work between them (a ticker rescheduling itself with call_soon stands for the
     other connections): each request sees the ticker further on than the one before."""
-    from teraproxy.app import ACCESS, METRICS, create_app
-    from teraproxy.config import parse_config
-    from teraproxy.edge import Edge, Runner
-
-    app = create_app(parse_config({"listen": "127.0.0.1:1", "auth": "off", "health": {"enabled": False},
-                                   "load": {"enabled": False},
-                                   "models": [{"id": MODEL, "replicas": [{"url": "http://127.0.0.1:1"}]}]}))
     loop = asyncio.get_running_loop()
     ticks = [0]
     running = [True]
@@ -465,19 +466,15 @@ async def test_pipelined_requests_give_the_loop_back_between_answers() -> None:
         seen.append(ticks[0])
         return web.Response(body=b"ok")  # answered without awaiting anything
 
-    runner = Runner(app, Edge(app[ACCESS], app[METRICS]), handler, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        tick()
-        writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n" * 20)
-        for _ in range(20):
-            await reader.readuntil(b"\r\n\r\nok")
-        writer.close()
-        assert len(seen) == 20
-        assert all(b > a for a, b in itertools.pairwise(seen)), seen
+        async with _edge_server(handler) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            tick()
+            writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n" * 20)
+            for _ in range(20):
+                await reader.readuntil(b"\r\n\r\nok")
+            writer.close()
     finally:
         running[0] = False
-        await runner.cleanup()
+    assert len(seen) == 20
+    assert all(b > a for a, b in itertools.pairwise(seen)), seen

@@ -80,7 +80,10 @@ _CR: Final = 13
 _LINE_RE: Final = re.compile(rb"([^\r\n]*)(\r\n|\n|\r)")
 _EOL_RE: Final = re.compile(rb"[\r\n]")
 # Note: on CPython 3.11, bytes.rfind() of the needle runs ~2x faster on JSON
-# text than find() or `in`, so membership tests use rfind.
+# text than find() or `in`, so membership tests use rfind; and `bytes in bytes`
+# first tries the needle as an int, paying for a TypeError (~2k instructions).
+# A single byte is searched as an int (`13 in data`, `find(10)`): memchr, ~30x
+# faster than a two-byte search.
 
 
 def _mode_of(emit: str) -> int:
@@ -175,16 +178,23 @@ def _frame_start(buf: bytes | bytearray, lo: int, hi: int, scan_from: int, eof: 
 
     A blank line not at lo starts right after one of LF LF, LF CR, CR CR, and
     each such pair marks one; pairs before scan_from are known not to matter.
+    Without a CR (memchr), LF LF is the only pair: the two CR scans (each a full
+    search of the range, ~0.3 ns a byte) are skipped.
     """
-    while True:
-        q = max(buf.rfind(b"\n\n", scan_from, hi), buf.rfind(b"\n\r", scan_from, hi),
-                buf.rfind(b"\r\r", scan_from, hi))
-        if q < 0:
-            break
-        end = _blank_end(buf, q + 1, eof)
-        if end >= 0:
-            return end
-        hi = q + 1  # a trailing undecided CR: look for an earlier blank line
+    if buf.find(13, scan_from, hi) < 0:
+        q = buf.rfind(b"\n\n", scan_from, hi)
+        if q >= 0:
+            return q + 2
+    else:
+        while True:
+            q = max(buf.rfind(b"\n\n", scan_from, hi), buf.rfind(b"\n\r", scan_from, hi),
+                    buf.rfind(b"\r\r", scan_from, hi))
+            if q < 0:
+                break
+            end = _blank_end(buf, q + 1, eof)
+            if end >= 0:
+                return end
+            hi = q + 1  # a trailing undecided CR: look for an earlier blank line
     if lo < hi and (buf[lo] == _LF or buf[lo] == _CR):
         return max(_blank_end(buf, lo, eof), lo)
     return lo
@@ -337,9 +347,10 @@ class SSERelay:
                 self._tail = data
             else:
                 self._note(data)
-            if data.rfind(b'"reasoning') < 0:
+            last = data.rfind(b'"reasoning')
+            if last < 0:
                 return data if data.rfind(b'{"error"') < 0 else _fix_errors(data)
-            return _errors_fixed(self._rewrite_region(data, True))
+            return _errors_fixed(self._rewrite_region(data, True, last))
         return self._feed_slow(data)
 
     def flush(self) -> bytes:
@@ -420,8 +431,9 @@ class SSERelay:
             if not _has_data(region, 0, len(region)):
                 return b""
             self.started = True
-        if self._mode != _PASSTHROUGH and region.rfind(_NEEDLE) >= 0:
-            region = self._rewrite_region(region, False)
+        if self._mode != _PASSTHROUGH and (last := region.rfind(_NEEDLE)) >= 0:
+            # the one-line LF fast lane needs no CR anywhere and no empty frame first (memchr, index)
+            region = self._rewrite_region(region, region[0] != 10 and 13 not in region, last)
         region = _errors_fixed(region)
         self._note(region)
         return region
@@ -431,11 +443,13 @@ class SSERelay:
         self._fast = False
         self._held = bytearray()  # give the memory back at once
 
-    def _rewrite_region(self, region: bytes, lf_only: bool) -> bytes:
-        """Rewrite the frames of region (complete frames only) that need it."""
+    def _rewrite_region(self, region: bytes, lf_only: bool, last: int) -> bytes:
+        """Rewrite the frames of region (complete frames only) that need it; ``last``: where the
+        last needle is (the search for the next one stops there, not at the end of region)."""
         pieces: list[bytes] = []
         done = 0
-        pos = region.find(_NEEDLE)
+        stop = last + len(_NEEDLE)
+        pos = region.find(_NEEDLE, 0, stop)
         while pos >= 0:
             k = region.find(10, done) if lf_only else -1
             if k > pos and region[k + 1] == 10:
@@ -464,7 +478,7 @@ class SSERelay:
                         pieces.append(region[done:start])
                     pieces.append(new)
                     done = end
-            pos = region.find(_NEEDLE, end)
+            pos = region.find(_NEEDLE, end, stop)
         if not pieces:
             return region
         if done < len(region):
@@ -597,4 +611,4 @@ def add_request_reasoning(payload: dict[str, Any]) -> bool:
 
 def needs_request_rewrite(body: bytes) -> bool:
     """Cheap pre-check: False when the request body cannot need add_request_reasoning."""
-    return b'"reasoning_content"' in body
+    return body.find(b'"reasoning_content"') >= 0

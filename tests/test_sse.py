@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from teraproxy import sse as sse_module
 from teraproxy.sse import (
     EMITS,
     SSERelay,
@@ -906,3 +907,32 @@ def test_property_arbitrary_bytes(tokens: list[bytes], emit: str, data: st.DataO
     assert chunked == whole == expected_stream(stream, emit)
     assert relay.started == relay_whole.started == bool(whole)  # (a [DONE] completed at EOF starts it too)
     assert relay.done == relay_whole.done == last_data_is_done(whole)
+
+
+def _frame_start_by_pairs(buf: bytes, lo: int, hi: int, scan_from: int, eof: bool) -> int:
+    """The frame start found the long way, all three blank-line pairs scanned (the oracle for the
+    memchr shortcut that CR-free input takes)."""
+    while True:
+        q = max(buf.rfind(b"\n\n", scan_from, hi), buf.rfind(b"\n\r", scan_from, hi), buf.rfind(b"\r\r", scan_from, hi))
+        if q < 0:
+            break
+        end = sse_module._blank_end(buf, q + 1, eof)
+        if end >= 0:
+            return end
+        hi = q + 1
+    if lo < hi and buf[lo] in b"\r\n":
+        return max(sse_module._blank_end(buf, lo, eof), lo)
+    return lo
+
+
+@settings(max_examples=300)
+@given(st.lists(st.sampled_from([b"\n", b"\r", b"\r\n", b"data: x", b":c", b"\n\n"]), max_size=12), st.data())
+def test_frame_start_shortcut_matches_the_pair_scan(parts: list[bytes], data: st.DataObject) -> None:
+    buf = b"".join(parts)
+    hi = data.draw(st.integers(0, len(buf)))
+    scan_from = data.draw(st.integers(0, hi))
+    lo = data.draw(st.integers(0, scan_from))
+    for eof in (False, True):
+        got = sse_module._frame_start(buf, lo, hi, scan_from, eof)
+        assert got == _frame_start_by_pairs(buf, lo, hi, scan_from, eof)
+    assert sse_module._frame_start(b"\nabc", 0, 4, 0, False) == 1  # a blank line at lo, no other

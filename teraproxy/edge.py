@@ -375,7 +375,7 @@ def forwarding(xff: list[bytes], fwd: list[bytes], peer: str | None, tls: bool) 
     """
     node = peer.encode("latin-1", "replace") if peer else b"unknown"
     proto = b"https" if tls else b"http"
-    own = b"for=" + (b'"[' + node + b']"' if b":" in node else node) + b";proto=" + proto  # RFC 7239 §6
+    own = b"for=" + (b'"[' + node + b']"' if 58 in node else node) + b";proto=" + proto  # RFC 7239 §6; 58: ":"
     return b"".join((b"X-Forwarded-For: ", _chain(xff, node) if xff else node,
                      b"\r\nForwarded: ", _chain(fwd, own) if fwd else own,
                      b"\r\nX-Forwarded-Proto: ", proto, b"\r\n"))

@@ -1,13 +1,16 @@
-"""CPU instructions per non-streamed request, teraproxy and nginx, counted by valgrind's callgrind.
+"""CPU instructions per request (S1) or per stream (S2), teraproxy and nginx, counted by callgrind.
 
 A CPU-time ratio moves with the core (Python pays more than C on a slow one) and with the host's
 neighbours; an instruction count does neither, so it is what a change to the hot path is judged by
 here (it repeats to well under 1%). Each proxy runs alone under callgrind with counting off; after a
-warm-up, counting is switched on for ``--requests`` S1 requests (bench/loadgen.py, 64 tokens, one sim
-on loopback), then off, and the count is divided by the requests. nginx runs as one process
-(``master_process off``) with the same config as bench/compare.py. Access logs on for both.
+warm-up, counting is switched on for ``--requests`` requests (bench/loadgen.py, one sim on loopback),
+then off, and the count is divided by the requests. ``--scenario S1``: non-streamed, 64 tokens;
+``S2``: streamed, 256 tokens with no delay (as compare.py's S2), ``--rewrite``: teraproxy with emit
+``both`` against a sim that streams ``reasoning_content`` (compare.py's "teraproxy rewrite"). nginx
+runs as one process (``master_process off``) with the same config as bench/compare.py. Access logs
+on for both.
 
-    python bench/instr_bench.py [--requests 1000] [--no-nginx]
+    python bench/instr_bench.py [--scenario S1|S2] [--rewrite] [--requests 1000] [--no-nginx]
 
 Needs valgrind (``apt-get install valgrind``). Not a timing: instructions are not cycles (cache
 misses and branch mispredictions are not in it) and callgrind sees user space only, not the kernel's
@@ -33,19 +36,24 @@ from bench.targets import MODEL, find_nginx, render_nginx_conf, teraproxy_conf
 VALGRIND = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no", "--dump-line=no"]
 
 
-def _load(port: int, n: int) -> None:
+SCENARIOS = {"S1": ["--max-tokens", "64"], "S2": ["--max-tokens", "256", "--stream"]}
+TOKENS = {"S1": "64", "S2": "256"}
+
+
+def _load(port: int, n: int, scenario: str) -> None:
     subprocess.run([sys.executable, str(Path(__file__).parent / "loadgen.py"), "--url", f"http://127.0.0.1:{port}/v1",
-                    "--model", MODEL, "--concurrency", "16", "--requests", str(n), "--max-tokens", "64", "--quiet"],
+                    "--model", MODEL, "--concurrency", "16", "--requests", str(n), *SCENARIOS[scenario], "--quiet"],
                    check=True, stdout=subprocess.DEVNULL, timeout=900)
 
 
-def _count(procs: Procs, name: str, argv: list[str], port: int, out: Path, warmup: int, n: int) -> float:
+def _count(procs: Procs, name: str, argv: list[str], port: int, out: Path, warmup: int, n: int,
+           scenario: str) -> float:
     """Instructions per request of the process ``argv`` (listening on ``port``) under callgrind."""
     p = procs.start(name, [*VALGRIND, f"--callgrind-out-file={out}", *argv], cpu=1, env=child_env())
     wait_http(f"http://127.0.0.1:{port}/v1/models", p, name, timeout=300)
-    _load(port, warmup)
+    _load(port, warmup, scenario)
     subprocess.run(["callgrind_control", "-i", "on", str(p.pid)], check=True, capture_output=True, timeout=120)
-    _load(port, n)
+    _load(port, n, scenario)
     subprocess.run(["callgrind_control", "-i", "off", str(p.pid)], check=True, capture_output=True, timeout=120)
     # dump now: a process that is slow to exit under valgrind may be SIGKILLed by stop(), losing its counts
     subprocess.run(["callgrind_control", "-d", str(p.pid)], check=True, capture_output=True, timeout=120)
@@ -62,6 +70,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--no-nginx", action="store_true")
+    ap.add_argument("--scenario", choices=sorted(SCENARIOS), default="S1")
+    ap.add_argument("--rewrite", action="store_true", help="teraproxy with emit both, sim with reasoning_content")
     args = ap.parse_args()
     if shutil.which("valgrind") is None:
         print("needs valgrind: apt-get install valgrind", file=sys.stderr)
@@ -72,14 +82,18 @@ def main() -> int:
     try:
         sim_port = free_port()
         sim = procs.start("sim", [sys.executable, "-m", "teraproxy", "sim", "--host", "127.0.0.1", "--port",
-                                  str(sim_port), "--model", MODEL, "--ttft", "0", "--itl", "0"], cpu=0, env=child_env())
+                                  str(sim_port), "--model", MODEL, "--ttft", "0", "--itl", "0",
+                                  "--tokens", TOKENS[args.scenario],
+                                  "--reasoning-field", "reasoning_content" if args.rewrite else "none"],
+                         cpu=0, env=child_env())
         wait_http(f"http://127.0.0.1:{sim_port}/health", sim, "sim")
         rows: list[tuple[str, float]] = []
         port = free_port()
-        conf = teraproxy_conf(run_dir, "teraproxy", port, sim_port, "passthrough", access_log=True)
+        conf = teraproxy_conf(run_dir, "teraproxy", port, sim_port, "both" if args.rewrite else "passthrough",
+                              access_log=True)
         rows.append(("teraproxy", _count(procs, "teraproxy", [sys.executable, "-m", "teraproxy", "serve", "--config",
                                                                str(conf)], port, run_dir / "cg.teraproxy",
-                                         args.warmup, args.requests)))
+                                         args.warmup, args.requests, args.scenario)))
         nginx = None if args.no_nginx else find_nginx()
         if nginx is not None:
             port = free_port()
@@ -87,10 +101,12 @@ def main() -> int:
             argv = [nginx, "-p", f"{run_dir}/", "-c", str(conf), "-e", f"{run_dir}/error.log",
                     "-g", "daemon off; master_process off;"]
             rows.append(("nginx", _count(procs, "nginx", argv, port, run_dir / "cg.nginx", args.warmup,
-                                         args.requests)))
+                                         args.requests, args.scenario)))
     finally:
         procs.stop_all()
-    print(f"instructions per non-streamed request ({args.requests} requests after {args.warmup} of warm-up):")
+    what = "non-streamed request" if args.scenario == "S1" else "stream of 256 frames"
+    print(f"instructions per {what}{' (reasoning rewrite)' if args.rewrite else ''} "
+          f"({args.requests} after {args.warmup} of warm-up):")
     for name, v in rows:
         print(f"  {name:10} {v / 1000:8.0f}k")
     if len(rows) == 2:

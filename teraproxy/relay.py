@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
-from teraproxy import client, sse, usage
+from teraproxy import client, reply, sse, usage
 from teraproxy.breaker import ALLOWED
 from teraproxy.errors import GatewayTimeout, ProxyError, ShuttingDown, UpstreamError, error_body
 
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("teraproxy")
 
 CLIENT_HIGH_WATER = 256 * 1024  # bytes queued for a client above which its replica is paused
+_HEADS = reply.Heads()  # encoded status lines of SSE answers
 _DONE = b"data: [DONE]\n\n"
 # Access-log codes of streams that broke after the commit point (stable: dashboards key on them).
 BROKE_STREAM = "upstream_broke_stream"
@@ -208,10 +209,8 @@ async def stream(request: web.Request, att: Attempt, ex: client.Exchange, emit: 
     ex.on_body = before_commit
     await _first_event(att, ex, relay, tap, pending)
     kept = await ctx.keepalive.stop() if ctx.keepalive is not None else None
-    resp = kept or stream_response(ctx.rid)
-    if kept is None:
-        await _prepare(request, resp, ctx)  # the commit point
-    att.commit()
+    head, keep_alive = (b"", False) if kept is not None else reply.stream_head(_HEADS, request, ctx.rid, ctx.decision)
+    att.commit()  # the commit point: the head goes out with the first event, in one write (_pump)
 
     def too_large() -> None:  # the framer let the oversize event go: end the exchange
         if relay.oversize and ex.error is None:
@@ -219,10 +218,10 @@ async def stream(request: web.Request, att: Attempt, ex: client.Exchange, emit: 
                                            got_bytes=True))
             ex.conn.abort()
 
-    sink = await _pump(request, resp, att, ex, feed, too_large, pending)
+    sink = await _pump(request, kept, att, ex, feed, too_large, pending, head)
     if sink.transport.is_closing():  # the client left (or stalled): not the replica's fault
         ctx.client_gone = True
-        return resp  # aiohttp's own write_eof on the closed transport is a quiet ConnectionError
+        return kept or reply.Sent(200, False)  # (aiohttp's write_eof on a closed transport: a quiet ConnectionError)
     if ex.error is None:
         out = relay.flush()  # an incomplete last frame is dropped, never sent
         sink.write(out if tap is None else tap.feed(out) + tap.flush())
@@ -233,8 +232,11 @@ async def stream(request: web.Request, att: Attempt, ex: client.Exchange, emit: 
     if relay.bad_frames:
         log.warning("replica %s sent %d frame(s) with a reasoning field that are not valid JSON; "
                     "passed through unchanged (%s)", att.replica.url, relay.bad_frames, ctx.rid)
-    await resp.write_eof()
-    return resp
+    if kept is not None:
+        await kept.write_eof()
+        return kept
+    sink.end()
+    return reply.Sent(200, keep_alive)
 
 async def _first_event(att: Attempt, ex: client.Exchange, relay: sse.SSERelay, tap: usage.UsageTap | None,
                        pending: list[bytes]) -> None:
@@ -298,28 +300,37 @@ async def binary(request: web.Request, att: Attempt, ex: client.Exchange,
     await resp.write_eof()
     return resp
 
-async def _pump(request: web.Request, resp: web.StreamResponse, att: Attempt, ex: client.Exchange,
+async def _pump(request: web.Request, resp: web.StreamResponse | None, att: Attempt, ex: client.Exchange,
                 feed: Callable[[bytes], bytes], on_nothing: Callable[[], None] | None,
-                first: list[bytes]) -> _Sink:
+                first: list[bytes], head: bytes = b"") -> _Sink:
     """After the commit point: each upstream body chunk goes through ``feed`` and straight
     to the client's transport from the upstream's data callback (no task switch per chunk);
-    ``on_nothing`` runs when ``feed`` returns nothing. Returns when the upstream answer is
-    complete or failed."""
+    ``on_nothing`` runs when ``feed`` returns nothing. ``resp`` None: the answer's encoded
+    ``head`` (reply.stream_head) goes out with the first bytes, in one write. Returns when the
+    upstream answer is complete or failed."""
     transport = request.transport
     if transport is None or transport.is_closing():
         raise asyncio.CancelledError  # the client is gone; handler cancellation is on its way
-    sink = _Sink(transport, request.writer.chunked)  # type: ignore[attr-defined]
-    # The first write goes through aiohttp: it flushes the status line and headers it buffered.
-    # ``first`` keeps receiving body chunks while we await, until on_body is replaced below.
-    try:
-        while True:  # at least once: an empty write still sends the buffered head
-            chunk = b"".join(first)
-            first.clear()
-            await resp.write(chunk)
-            if not first:
-                break
-    except ConnectionError:
-        return sink  # the client went away: the caller sees a closing transport
+    if resp is None:
+        sink = _Sink(transport, request.version >= HttpVersion11)
+        chunk = b"".join(first)
+        first.clear()
+        if sink.start(head, chunk) and not ex.complete:
+            ex.pause()  # a slow client already: the loop below waits for it
+        request.writer.output_size += len(head) + len(chunk)  # the edge: the answer has begun
+    else:
+        sink = _Sink(transport, request.writer.chunked)  # type: ignore[attr-defined]
+        # The first write goes through aiohttp: it flushes the status line and headers it buffered.
+        # ``first`` keeps receiving body chunks while we await, until on_body is replaced below.
+        try:
+            while True:  # at least once: an empty write still sends the buffered head
+                chunk = b"".join(first)
+                first.clear()
+                await resp.write(chunk)
+                if not first:
+                    break
+        except ConnectionError:
+            return sink  # the client went away: the caller sees a closing transport
 
     write = sink.write
 
@@ -370,6 +381,22 @@ class _Sink:
     def __init__(self, transport: asyncio.Transport, chunked: bool) -> None:
         self.transport = transport
         self.chunked = chunked
+
+    def start(self, head: bytes, out: bytes) -> bool:
+        """The answer's head and its first bytes, in one write; True as ``write``."""
+        transport = self.transport
+        if not out:
+            transport.write(head)
+        elif self.chunked:
+            transport.writelines((head, b"%x\r\n" % len(out), out, b"\r\n"))
+        else:
+            transport.writelines((head, out))
+        return transport.get_write_buffer_size() > CLIENT_HIGH_WATER
+
+    def end(self) -> None:
+        """The end of a chunked body (a body without chunks ends when the connection closes)."""
+        if self.chunked and not self.transport.is_closing():
+            self.transport.write(b"0\r\n\r\n")
 
     def write(self, out: bytes) -> bool:
         """Write ``out``; True when the client's buffer is now over CLIENT_HIGH_WATER (one call per

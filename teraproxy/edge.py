@@ -96,7 +96,7 @@ class Edge:
         self.metrics.request(None, 400, 0.0, None, 0, 0, 0)
         if self.access.enabled:  # the keys of app.edge's access-log line (a test keeps them equal)
             self.access.write({
-                "ts": round(time.time(), 3), "rid": rid, "method": None, "path": None, "status": 400,
+                "ts": int(time.time() * 1000) / 1000, "rid": rid, "method": None, "path": None, "status": 400,
                 "model": None, "key": None, "stream": False, "replica": None, "attempts": 0, "ttfb_ms": None,
                 "ms": 0.0, "queue_ms": None, "error": BadHttpRequest.code, "rewritten": 0, "bad_frames": 0,
                 "prompt_tokens": None,

@@ -236,6 +236,11 @@ async def stream(request: web.Request, att: Attempt, ex: client.Exchange, emit: 
         await kept.write_eof()
         return kept
     sink.end()
+    # a slow reader still holds the tail: the request stays active (a drain waits for it) until it
+    # is taken, as aiohttp's write_eof waited, but only for timeouts.client_stall
+    if sink.transport.get_write_buffer_size() and not await _client_took(request, sink.transport, ctx):
+        ctx.client_gone = True
+        return reply.Sent(200, False)
     return reply.Sent(200, keep_alive)
 
 async def _first_event(att: Attempt, ex: client.Exchange, relay: sse.SSERelay, tap: usage.UsageTap | None,
@@ -344,22 +349,30 @@ async def _pump(request: web.Request, resp: web.StreamResponse | None, att: Atte
             on_nothing()
 
     ex.on_body = after_commit
-    stall = att.ctx.snap.config.timeouts.client_stall
     while not ex.complete and ex.error is None:
         if ex.conn.paused:
-            try:
-                async with asyncio.timeout(stall):
-                    await request.writer.drain()
-            except TimeoutError:
-                # the client stopped reading: the paused replica is holding a GPU slot for it
-                log.warning("client stopped reading for %gs; closing %s", stall, att.ctx.rid)
-                transport.abort()
+            # the client stopped reading: the paused replica is holding a GPU slot for it
+            if not await _client_took(request, transport, att.ctx):
                 return sink
-            except ConnectionError:
-                return sink  # the client went away while we waited for it
             ex.resume()
         await ex.wait()
     return sink
+
+
+async def _client_took(request: web.Request, transport: asyncio.Transport, ctx: Ctx) -> bool:
+    """Wait until the client's write buffer drains below aiohttp's high-water mark; False (and the
+    connection aborted) if it did not within timeouts.client_stall, or it went away."""
+    stall = ctx.snap.config.timeouts.client_stall
+    try:
+        async with asyncio.timeout(stall):
+            await request.writer.drain()
+    except TimeoutError:
+        log.warning("client stopped reading for %gs; closing %s", stall, ctx.rid)
+        transport.abort()
+        return False
+    except ConnectionError:
+        return False  # the client went away while we waited for it
+    return not transport.is_closing()
 
 
 async def _prepare(request: web.Request, resp: web.StreamResponse, ctx: Ctx) -> None:

@@ -36,13 +36,14 @@ from bench.targets import MODEL, find_nginx, render_nginx_conf, teraproxy_conf
 VALGRIND = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no", "--dump-line=no"]
 
 
-SCENARIOS = {"S1": ["--max-tokens", "64"], "S2": ["--max-tokens", "256", "--stream"]}
-TOKENS = {"S1": "64", "S2": "256"}
+SCENARIOS = {"S1": ("64", []), "S2": ("256", ["--stream"])}  # the sim's tokens (and max_tokens), loadgen flags
 
 
 def _load(port: int, n: int, scenario: str) -> None:
+    tokens, flags = SCENARIOS[scenario]
     subprocess.run([sys.executable, str(Path(__file__).parent / "loadgen.py"), "--url", f"http://127.0.0.1:{port}/v1",
-                    "--model", MODEL, "--concurrency", "16", "--requests", str(n), *SCENARIOS[scenario], "--quiet"],
+                    "--model", MODEL, "--concurrency", "16", "--requests", str(n), "--max-tokens", tokens, *flags,
+                    "--quiet"],
                    check=True, stdout=subprocess.DEVNULL, timeout=900)
 
 
@@ -83,7 +84,7 @@ def main() -> int:
         sim_port = free_port()
         sim = procs.start("sim", [sys.executable, "-m", "teraproxy", "sim", "--host", "127.0.0.1", "--port",
                                   str(sim_port), "--model", MODEL, "--ttft", "0", "--itl", "0",
-                                  "--tokens", TOKENS[args.scenario],
+                                  "--tokens", SCENARIOS[args.scenario][0],
                                   "--reasoning-field", "reasoning_content" if args.rewrite else "none"],
                          cpu=0, env=child_env())
         wait_http(f"http://127.0.0.1:{sim_port}/health", sim, "sim")

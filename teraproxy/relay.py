@@ -221,7 +221,7 @@ async def stream(request: web.Request, att: Attempt, ex: client.Exchange, emit: 
     sink = await _pump(request, kept, att, ex, feed, too_large, pending, head)
     if sink.transport.is_closing():  # the client left (or stalled): not the replica's fault
         ctx.client_gone = True
-        return kept or reply.Sent(200, False)  # (aiohttp's write_eof on a closed transport: a quiet ConnectionError)
+        return kept or reply.Sent(200, False)  # no end: nobody is there to read it
     if ex.error is None:
         out = relay.flush()  # an incomplete last frame is dropped, never sent
         sink.write(out if tap is None else tap.feed(out) + tap.flush())

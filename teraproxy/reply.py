@@ -73,42 +73,42 @@ class Sent(web.StreamResponse):
         return None
 
 
+def _head(parts: list[bytes], version: tuple[int, int], rid: str, decision: Decision | None,
+          keep_alive: bool, chunked: bool) -> bytes:
+    """An encoded head: ``parts`` (the status line and the caller's header lines), then X-Request-ID,
+    Date, the key's x-ratelimit-*, and how an HTTP/1.x client knows the body's end and whether the
+    connection stays open."""
+    parts += (b"X-Request-ID: ", rid.encode(), b"\r\nDate: ", rfc822_formatted_time().encode(), b"\r\n")
+    if decision is not None:
+        parts.extend(f"{k}: {v}\r\n".encode("latin-1") for k, v in decision.headers().items())
+    if version >= HttpVersion11:
+        if chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        if not keep_alive:
+            parts.append(b"Connection: close\r\n")
+    elif keep_alive:
+        parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
 def stream_head(heads: Heads, request: web.BaseRequest, rid: str, decision: Decision | None) -> tuple[bytes, bool]:
     """The encoded head of an SSE answer (200), and whether the connection stays open after it.
     HTTP/1.1: a chunked body (relay._Sink frames the chunks); HTTP/1.0: a body that ends when the
     connection closes, so the connection closes whatever the client asked."""
     version = request.version
-    chunked = version >= HttpVersion11
-    keep_alive = chunked and request.keep_alive and request.content.is_eof()
-    parts = [heads.line(version, 200), _SSE, b"X-Request-ID: ", rid.encode(), b"\r\nDate: ",
-             rfc822_formatted_time().encode(), b"\r\n"]
-    if decision is not None:
-        parts.extend(f"{k}: {v}\r\n".encode("latin-1") for k, v in decision.headers().items())
-    if chunked:
-        parts.append(b"Transfer-Encoding: chunked\r\n" if keep_alive else
-                     b"Transfer-Encoding: chunked\r\nConnection: close\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts), keep_alive
+    keep_alive = version >= HttpVersion11 and request.keep_alive and request.content.is_eof()
+    return _head([heads.line(version, 200), _SSE], version, rid, decision, keep_alive, True), keep_alive
 
 
 def send(heads: Heads, request: web.BaseRequest, status: int, rid: str, body: bytes,
          content_type: bytes | None, extra: bytes = b"", decision: Decision | None = None) -> Sent:
     """Write a complete answer. ``extra``: encoded header lines (``Name: value\\r\\n``) to add.
     When the client is gone already, nothing is written (the caller's access log says 499)."""
-    version = request.version
     keep_alive = request.keep_alive and request.content.is_eof()  # a body not read to its end: close
-    parts = [heads.line(version, status), b"Content-Type: ", content_type or _OCTETS,
-             b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\nX-Request-ID: ", rid.encode(),
-             b"\r\nDate: ", rfc822_formatted_time().encode(), b"\r\n", extra]
-    if decision is not None:
-        parts.extend(f"{k}: {v}\r\n".encode("latin-1") for k, v in decision.headers().items())
-    if version >= HttpVersion11:
-        if not keep_alive:
-            parts.append(b"Connection: close\r\n")
-    elif keep_alive:
-        parts.append(b"Connection: keep-alive\r\n")
-    parts.append(b"\r\n")
-    head = b"".join(parts)
+    version = request.version
+    head = _head([heads.line(version, status), b"Content-Type: ", content_type or _OCTETS, b"\r\nContent-Length: ",
+                  str(len(body)).encode(), b"\r\n", extra], version, rid, decision, keep_alive, False)
     transport = request.transport
     if transport is not None and not transport.is_closing():
         transport.writelines((head, body))

@@ -935,4 +935,8 @@ def test_frame_start_shortcut_matches_the_pair_scan(parts: list[bytes], data: st
     for eof in (False, True):
         got = sse_module._frame_start(buf, lo, hi, scan_from, eof)
         assert got == _frame_start_by_pairs(buf, lo, hi, scan_from, eof)
-    assert sse_module._frame_start(b"\nabc", 0, 4, 0, False) == 1  # a blank line at lo, no other
+
+
+def test_frame_start_finds_a_blank_line_at_lo_in_cr_free_input() -> None:
+    assert sse_module._frame_start(b"\nabc", 0, 4, 0, False) == 1  # the one blank line is at lo
+    assert sse_module._frame_start(b"data: a\n\nb", 0, 10, 0, False) == 9

@@ -287,8 +287,8 @@ class SSERelay:
     event with data that went out was ``data: [DONE]``).
     """
 
-    __slots__ = ("_fast", "_held", "_mode", "_pass", "_scanned", "_tail", "bad_frames", "max_event", "oversize",
-                 "rewritten", "started", "truncated")
+    __slots__ = ("_fast", "_held", "_mode", "_pass", "_scanned", "_shape", "_tail", "bad_frames", "max_event",
+                 "oversize", "rewritten", "started", "truncated")
 
     bad_frames: int
     rewritten: int
@@ -300,6 +300,7 @@ class SSERelay:
         self._held = bytearray()  # before the start: all bytes so far; after: the one incomplete frame
         self._scanned = 0  # before the start: _held[:_scanned] are complete frames without data
         self._tail = b""  # the last returned region that holds an event with data
+        self._shape: _Shape | None = None  # this stream's reasoning chunk, learnt from its first one
         self.max_event = max_event
         self.started = False
         self.oversize = False
@@ -449,12 +450,30 @@ class SSERelay:
         pieces: list[bytes] = []
         done = 0
         stop = last + len(_NEEDLE)
+        shape = self._shape
+        if shape is not None:
+            line, suffix, head, middle, tail = shape.line, shape.suffix, shape.line_head, shape.middle, shape.tail
+            nl, ns = len(line), len(suffix)
         pos = region.find(_NEEDLE, 0, stop)
         while pos >= 0:
             k = region.find(10, done) if lf_only else -1
             if k > pos and region[k + 1] == 10:
                 # LF only, and the needle is in the one-line frame starting at done.
                 end = k + 2
+                if shape is not None and region.startswith(line, done) and region.startswith(suffix, k - ns):
+                    # a frame of the learnt shape (see _new_json): its value spliced in, if canonical
+                    value = region[done + nl : k - ns]
+                    try:
+                        # a string (its quote first: not null, not a number), orjson's own bytes
+                        canonical = len(value) > 1 and value[0] == 34 and orjson.dumps(orjson.loads(value)) == value
+                    except ValueError:
+                        canonical = False
+                    if canonical:
+                        pieces += (head, value, middle, value, tail) if middle else (head, value, tail)
+                        self.rewritten += 1
+                        done = end
+                        pos = region.find(_NEEDLE, end, stop)
+                        continue
                 if region.startswith(b"data:", done):
                     new = self._new_json(region[done + 6 if region[done + 5] == 32 else done + 5 : k])
                     if new is not None:
@@ -514,6 +533,21 @@ class SSERelay:
 
     def _new_json(self, payload: bytes) -> bytes | None:
         """Rewritten JSON for a data payload holding the needle, None if unchanged."""
+        shape = self._shape
+        if shape is not None and payload.startswith(shape.prefix) and payload.endswith(shape.suffix):
+            # A chunk of the learnt shape: only its string value is new. Splicing that value in gives
+            # the bytes orjson.dumps would give for the rewritten object, without a parse of the rest.
+            value = payload[shape.at : len(payload) - len(shape.suffix)]
+            if len(value) > 1 and value[0] == 34:  # the opening quote at the learnt offset
+                try:
+                    canonical = orjson.dumps(orjson.loads(value)) == value
+                except ValueError:  # not one complete JSON string (quote inside, bad escape, ...)
+                    canonical = False
+                if canonical:  # (a value that is not a str starts with no quote)
+                    self.rewritten += 1
+                    if shape.middle:
+                        return b"".join((shape.head, value, shape.middle, value, shape.suffix))
+                    return shape.head + value + shape.suffix
         try:
             new = _rewrite_json(payload, "delta", self._mode)
         except ValueError:  # incl. orjson.JSONDecodeError
@@ -521,7 +555,71 @@ class SSERelay:
             return None
         if new is not None:
             self.rewritten += 1
+            if shape is None:
+                self._shape = _learn(payload, self._mode)
         return new
+
+
+# An orjson-canonical JSON string: its own serialisation (orjson escapes only these, and control
+# characters as \u00XX, which this leaves to the per-frame path).
+_CANONICAL_STRING: Final = re.compile(rb'"(?:[^"\\\x00-\x1f]|\\[nrtbf"\\])*"')
+
+
+class _Shape:
+    """A stream's reasoning chunk as learnt by _learn: ``prefix`` + ``"K":`` + a string value +
+    ``suffix``; its rewrite is ``head`` + value [+ ``middle`` + value, for emit both] + suffix.
+    ``line``: such a frame's line up to its value (``data: `` + prefix + ``"K":``); ``sep``: the
+    same after the blank line that ends the frame before it."""
+
+    __slots__ = ("at", "head", "line", "line_head", "middle", "prefix", "suffix", "tail")
+
+    def __init__(self, prefix: bytes, key: bytes, suffix: bytes, head: bytes, middle: bytes) -> None:
+        self.prefix, self.suffix, self.head, self.middle = prefix, suffix, head, middle
+        self.at = len(prefix) + len(key)  # the value's first byte (its opening quote)
+        self.line = b"data: " + prefix + key
+        self.line_head, self.tail = b"data: " + head, suffix + b"\n\n"
+
+
+def _learn(payload: bytes, mode: int) -> _Shape | None:
+    """The shape of a stream's reasoning chunks, from one that was just rewritten: payload is the
+    prefix, ``"K":`` and a string value, and the suffix, where every other chunk of the stream has the
+    same prefix (id, created, model, index) and suffix, and only the value changes. None unless that
+    is proven from this chunk.
+
+    Proof, with one parse once per stream: payload is orjson's own serialisation of its object,
+    which orjson composes member by member, and holds the needle once; a choice's delta is exactly
+    {K: value}, whose bytes ``"K":"value"`` must then be the ones at the needle. So prefix and
+    suffix are the bytes around that delta's value in orjson's serialisation, and another chunk
+    with the same prefix and suffix and a string value in orjson's bytes (checked per chunk) is
+    that object with only the value changed: the splice of the rewritten members equals
+    orjson.dumps of the rewritten object.
+    """
+    i = payload.find(_NEEDLE)
+    if i < 0 or payload.rfind(_NEEDLE) != i:
+        return None
+    for key in (b'"reasoning_content":"', b'"reasoning":"'):
+        if payload.startswith(key, i):
+            break
+    else:
+        return None
+    at = i + len(key) - 1  # the value's opening quote
+    end = payload.find(34, at + 1)
+    if end < 0 or payload.find(92, at, end) >= 0:  # an escape: not learnt from this chunk
+        return None
+    prefix, value, suffix = payload[:i], payload[at : end + 1], payload[end + 1 :]
+    have = key[1:-3].decode()
+    try:
+        doc = orjson.loads(payload)
+        delta = {have: orjson.loads(value)}
+        if orjson.dumps(doc) != payload or not any(
+                type(choice) is dict and choice.get("delta") == delta for choice in doc["choices"]):
+            return None
+    except (ValueError, TypeError, KeyError):
+        return None
+    other = {"reasoning": b'"reasoning_content":', "reasoning_content": b'"reasoning":'}[have]
+    if mode == _BOTH:
+        return _Shape(prefix, key[:-1], suffix, prefix + key[:-1], b"," + other)
+    return _Shape(prefix, key[:-1], suffix, prefix + other, b"")
 
 
 def _errors_fixed(region: bytes) -> bytes:

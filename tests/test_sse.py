@@ -623,7 +623,8 @@ def test_no_needle_frames_are_never_parsed(monkeypatch: pytest.MonkeyPatch) -> N
     for pieces in ([stream], [stream[i : i + 7] for i in range(0, len(stream), 7)]):
         calls.clear()
         run("both", pieces)
-        assert len(calls) == 1 and b'"reasoning_content"' in calls[0]
+        # the reasoning frame's parse, and the shape learnt from it (a probe with the needle, its value)
+        assert calls and all(b'"reasoning_content"' in c or c == b'"r"' for c in calls), calls
 
 
 def test_passthrough_holds_until_first_event_then_frames() -> None:
@@ -940,3 +941,77 @@ def test_frame_start_shortcut_matches_the_pair_scan(parts: list[bytes], data: st
 def test_frame_start_finds_a_blank_line_at_lo_in_cr_free_input() -> None:
     assert sse_module._frame_start(b"\nabc", 0, 4, 0, False) == 1  # the one blank line is at lo
     assert sse_module._frame_start(b"data: a\n\nb", 0, 10, 0, False) == 9
+
+
+# --------------------------------------------------------------------------
+# the learnt chunk shape: after the first reasoning chunk of a stream, chunks with the same bytes
+# around their value are rewritten by a splice, which must give exactly what the parse gives
+
+SHAPED = (b'data: {"id":"chatcmpl-9","object":"chat.completion.chunk","created":1,"model":"m",'
+          b'"choices":[{"index":0,"delta":{')
+SHAPED_END = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+ANY_TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=6)
+
+
+@st.composite
+def shaped_frame(draw: st.DrawFn, key: bytes) -> bytes:
+    """A frame of one stream's reasoning shape, or one that only looks like it."""
+    value = orjson.dumps(draw(ANY_TEXT))
+    kind = draw(st.sampled_from(["shaped"] * 6 + ["ascii", "bad_utf8", "raw_control", "null", "number", "more",
+                                                  "other_end", "quote_in", "spaced", "content"]))
+    if kind == "ascii":  # valid JSON, not orjson's bytes: the parse's bytes go out
+        value = json.dumps(draw(ANY_TEXT) + "é").encode()
+    elif kind == "bad_utf8":
+        value = b'"\xff' + value[1:]
+    elif kind == "raw_control":
+        value = b'"\x01' + value[1:]
+    elif kind == "null":
+        value = b"null"
+    elif kind == "number":
+        value = b"7"
+    elif kind == "quote_in":  # a value that ends early: invalid JSON
+        value = value[:-1] + b'"x"'
+    middle = key + b":" + value
+    if kind == "more":
+        middle += b',"content":""'
+    elif kind == "spaced":
+        middle = key + b": " + value
+    elif kind == "content":
+        middle = b'"content":' + value
+    end = b'},"logprobs":null,"finish_reason":"stop"}]}\n\n' if kind == "other_end" else SHAPED_END
+    return SHAPED + middle + end
+
+
+@settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from([b'"reasoning"', b'"reasoning_content"']), st.sampled_from(REWRITE_EMITS), st.data())
+def test_property_learnt_shape_splice_equals_the_parse(key: bytes, emit: str, data: st.DataObject) -> None:
+    first = SHAPED + key + b':"first"' + SHAPED_END  # a canonical chunk: the shape is learnt from it
+    frames = [first, *data.draw(st.lists(shaped_frame(key), min_size=1, max_size=12)), done()]
+    stream = b"".join(frames)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    out, relay = run(emit, pieces)
+    assert out == expected_stream(stream, emit)
+    assert relay.rewritten == sum(expected_reasoning_frame(f, emit) != f for f in frames)
+    assert relay.bad_frames == sum(frame_json(f) is None for f in frames[:-1])
+    changes = emit == "both" or (emit == "reasoning") != (key == b'"reasoning"')
+    assert (relay._shape is not None) == changes  # the splice was there to be tested
+
+
+def test_shape_is_not_learnt_from_a_needle_that_is_not_the_deltas_key() -> None:
+    """Chunks whose needle sits somewhere a splice would misplace: each is rewritten by a parse."""
+    tricky = [
+        b'data: {"choices":[{"delta":{"reasoning_content":"a"},"x":"\\"reasoning"}]}\n\n',  # two needles
+        b'data: {"choices":[{"delta":{"content":"x","reasoning_content":"a"}}]}\n\n',  # delta has another key
+        b'data: {"choices":[{"delta":{"reasoning_content":"a\\"b"}}]}\n\n',  # an escape before its end
+        b'data: {"choices": [{"delta": {"reasoning_content":"a"}}]}\n\n',  # not orjson's bytes
+        b'data: {"choices":[{"delta":{"x":{"reasoning_content":"a"}}}]}\n\n',  # not the delta itself
+    ]
+    for frame in tricky:
+        stream = frame + frame.replace(b'"a', b'"b') + done()
+        out, relay = run("both", [stream])
+        assert out == expected_stream(stream, "both")
+        assert relay._shape is None, frame
+    stream = SHAPED + b'"reasoning":"x"' + SHAPED_END
+    _, relay = run("both", [stream])
+    assert relay._shape is not None  # (and the plain chunk is learnt)

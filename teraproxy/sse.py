@@ -40,6 +40,11 @@ Invariants:
   rewritten frame keeps its other lines verbatim; its data lines become one
   ``data: <json>`` line ended like the first.  Values survive, within orjson's
   round trip (integers beyond 64 bits become floats, duplicate keys collapse).
+* A rewritten frame's bytes are orjson.dumps of the rewritten object, however
+  they were made: after the first rewritten chunk of a stream, chunks of the
+  same shape (the same bytes around the reasoning value, proven once by
+  ``_learn``) are spliced around their value instead of parsed, when the value
+  is orjson's own bytes for a string (vLLM's are); any other goes by the parse.
 * Fast path: once started with nothing held back, a chunk that ends on a frame
   boundary is returned as the same object after a few C-level scans, no
   per-frame work: passthrough needs only ``endswith(b"\n\n")``; the rewrite
@@ -300,7 +305,7 @@ class SSERelay:
         self._held = bytearray()  # before the start: all bytes so far; after: the one incomplete frame
         self._scanned = 0  # before the start: _held[:_scanned] are complete frames without data
         self._tail = b""  # the last returned region that holds an event with data
-        self._shape: _Shape | None = None  # this stream's reasoning chunk, learnt from its first one
+        self._shape: _Shape | None = None  # the stream's reasoning chunk, learnt from the last one parsed
         self.max_event = max_event
         self.started = False
         self.oversize = False
@@ -450,13 +455,17 @@ class SSERelay:
         pieces: list[bytes] = []
         done = 0
         stop = last + len(_NEEDLE)
-        shape = self._shape
-        if shape is not None:
-            line, suffix, head, middle, tail = shape.line, shape.suffix, shape.line_head, shape.middle, shape.tail
-            nl, ns = len(line), len(suffix)
+        shape = None
+        line = suffix = head = middle = tail = b""
+        nl = ns = 0
         pos = region.find(_NEEDLE, 0, stop)
         while pos >= 0:
             k = region.find(10, done) if lf_only else -1
+            if shape is not self._shape:  # (learnt by _new_json)
+                shape = self._shape
+                if shape is not None:
+                    line, suffix, head, tail = shape.line, shape.suffix, shape.line_head, shape.tail
+                    middle, nl, ns = shape.middle, len(line), len(suffix)
             if k > pos and region[k + 1] == 10:
                 # LF only, and the needle is in the one-line frame starting at done.
                 end = k + 2
@@ -545,9 +554,7 @@ class SSERelay:
                     canonical = False
                 if canonical:  # (a value that is not a str starts with no quote)
                     self.rewritten += 1
-                    if shape.middle:
-                        return b"".join((shape.head, value, shape.middle, value, shape.suffix))
-                    return shape.head + value + shape.suffix
+                    return shape.splice(value)
         try:
             new = _rewrite_json(payload, "delta", self._mode)
         except ValueError:  # incl. orjson.JSONDecodeError
@@ -555,8 +562,7 @@ class SSERelay:
             return None
         if new is not None:
             self.rewritten += 1
-            if shape is None:
-                self._shape = _learn(payload, self._mode)
+            self._shape = _learn(payload, new, self._mode) or shape  # this chunk's shape, if it has one
         return new
 
 
@@ -568,34 +574,39 @@ _CANONICAL_STRING: Final = re.compile(rb'"(?:[^"\\\x00-\x1f]|\\[nrtbf"\\])*"')
 class _Shape:
     """A stream's reasoning chunk as learnt by _learn: ``prefix`` + ``"K":`` + a string value +
     ``suffix``; its rewrite is ``head`` + value [+ ``middle`` + value, for emit both] + suffix.
-    ``line``: such a frame's line up to its value (``data: `` + prefix + ``"K":``); ``sep``: the
-    same after the blank line that ends the frame before it."""
+    ``line``: such a frame's line up to its value (``data: `` + prefix + ``"K":``)."""
 
     __slots__ = ("at", "head", "line", "line_head", "middle", "prefix", "suffix", "tail")
 
-    def __init__(self, prefix: bytes, key: bytes, suffix: bytes, head: bytes, middle: bytes) -> None:
-        self.prefix, self.suffix, self.head, self.middle = prefix, suffix, head, middle
-        self.at = len(prefix) + len(key)  # the value's first byte (its opening quote)
-        self.line = b"data: " + prefix + key
-        self.line_head, self.tail = b"data: " + head, suffix + b"\n\n"
+    def __init__(self, prefix: bytes, have: bytes, suffix: bytes, mode: int) -> None:
+        other = b'"reasoning":' if have == b'"reasoning_content":' else b'"reasoning_content":'
+        self.prefix, self.suffix = prefix, suffix
+        self.head, self.middle = (prefix + have, b"," + other) if mode == _BOTH else (prefix + other, b"")
+        self.at = len(prefix) + len(have)  # the value's first byte (its opening quote)
+        self.line, self.line_head, self.tail = b"data: " + prefix + have, b"data: " + self.head, suffix + b"\n\n"
+
+    def splice(self, value: bytes) -> bytes:
+        if self.middle:
+            return b"".join((self.head, value, self.middle, value, self.suffix))
+        return self.head + value + self.suffix
 
 
-def _learn(payload: bytes, mode: int) -> _Shape | None:
-    """The shape of a stream's reasoning chunks, from one that was just rewritten: payload is the
-    prefix, ``"K":`` and a string value, and the suffix, where every other chunk of the stream has the
-    same prefix (id, created, model, index) and suffix, and only the value changes. None unless that
-    is proven from this chunk.
+def _learn(payload: bytes, new: bytes, mode: int) -> _Shape | None:
+    """The shape of a stream's reasoning chunks, from one that the parse just rewrote to ``new``:
+    payload is the prefix, ``"K":`` and a string value, and the suffix, where the stream's other
+    chunks have the same prefix (id, created, model, index) and suffix and only the value changes.
+    None unless that is proven from this chunk.
 
-    Proof, with one parse once per stream: payload is orjson's own serialisation of its object,
-    which orjson composes member by member, and holds the needle once; a choice's delta is exactly
-    {K: value}, whose bytes ``"K":"value"`` must then be the ones at the needle. So prefix and
-    suffix are the bytes around that delta's value in orjson's serialisation, and another chunk
-    with the same prefix and suffix and a string value in orjson's bytes (checked per chunk) is
-    that object with only the value changed: the splice of the rewritten members equals
-    orjson.dumps of the rewritten object.
+    Proof, without a parse: payload holds the needle once, at ``"K":"``, and the splice of its
+    value into the rewritten members gives exactly ``new``, orjson's serialisation of the rewritten
+    object, which orjson composes member by member. So payload, the same less the added member
+    (or with K's name back), is orjson's serialisation of its object, and its bytes at the needle
+    are the one reasoning member of a delta: another chunk with the same prefix and suffix and a
+    string value in orjson's bytes (checked per chunk) is that object with only the value changed,
+    and its splice equals orjson.dumps of its rewritten object.
     """
     i = payload.find(_NEEDLE)
-    if i < 0 or payload.rfind(_NEEDLE) != i:
+    if payload.rfind(_NEEDLE) != i:
         return None
     for key in (b'"reasoning_content":"', b'"reasoning":"'):
         if payload.startswith(key, i):
@@ -606,20 +617,8 @@ def _learn(payload: bytes, mode: int) -> _Shape | None:
     end = payload.find(34, at + 1)
     if end < 0 or payload.find(92, at, end) >= 0:  # an escape: not learnt from this chunk
         return None
-    prefix, value, suffix = payload[:i], payload[at : end + 1], payload[end + 1 :]
-    have = key[1:-3].decode()
-    try:
-        doc = orjson.loads(payload)
-        delta = {have: orjson.loads(value)}
-        if orjson.dumps(doc) != payload or not any(
-                type(choice) is dict and choice.get("delta") == delta for choice in doc["choices"]):
-            return None
-    except (ValueError, TypeError, KeyError):
-        return None
-    other = {"reasoning": b'"reasoning_content":', "reasoning_content": b'"reasoning":'}[have]
-    if mode == _BOTH:
-        return _Shape(prefix, key[:-1], suffix, prefix + key[:-1], b"," + other)
-    return _Shape(prefix, key[:-1], suffix, prefix + other, b"")
+    shape = _Shape(payload[:i], key[:-1], payload[end + 1 :], mode)
+    return shape if shape.splice(payload[at : end + 1]) == new else None
 
 
 def _errors_fixed(region: bytes) -> bytes:

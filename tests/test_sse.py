@@ -1002,7 +1002,6 @@ def test_shape_is_not_learnt_from_a_needle_that_is_not_the_deltas_key() -> None:
     """Chunks whose needle sits somewhere a splice would misplace: each is rewritten by a parse."""
     tricky = [
         b'data: {"choices":[{"delta":{"reasoning_content":"a"},"x":"\\"reasoning"}]}\n\n',  # two needles
-        b'data: {"choices":[{"delta":{"content":"x","reasoning_content":"a"}}]}\n\n',  # delta has another key
         b'data: {"choices":[{"delta":{"reasoning_content":"a\\"b"}}]}\n\n',  # an escape before its end
         b'data: {"choices": [{"delta": {"reasoning_content":"a"}}]}\n\n',  # not orjson's bytes
         b'data: {"choices":[{"delta":{"x":{"reasoning_content":"a"}}}]}\n\n',  # not the delta itself
@@ -1012,6 +1011,14 @@ def test_shape_is_not_learnt_from_a_needle_that_is_not_the_deltas_key() -> None:
         out, relay = run("both", [stream])
         assert out == expected_stream(stream, "both")
         assert relay._shape is None, frame
-    stream = SHAPED + b'"reasoning":"x"' + SHAPED_END
-    _, relay = run("both", [stream])
-    assert relay._shape is not None  # (and the plain chunk is learnt)
+    learnt = [
+        SHAPED + b'"reasoning":"x"' + SHAPED_END,
+        b'data: {"choices":[{"delta":{"content":"x","reasoning_content":"a"}}]}\n\n',  # more keys in the delta
+        b'data: {"choices":[{"delta":{"reasoning_content":"a","content":"x"}}]}\n\n',  # (the alias goes after it)
+    ]
+    for frame in learnt:
+        stream = frame + frame.replace(b'"a', b'"b') + frame.replace(b'"a', b'"c\\n') + done()
+        for emit in REWRITE_EMITS:
+            out, relay = run(emit, [stream])
+            assert out == expected_stream(stream, emit)
+            assert (relay._shape is not None) == (relay.rewritten > 0), (frame, emit)

@@ -543,7 +543,7 @@ class SSERelay:
     def _new_json(self, payload: bytes) -> bytes | None:
         """Rewritten JSON for a data payload holding the needle, None if unchanged."""
         shape = self._shape
-        if shape is not None and payload.startswith(shape.prefix) and payload.endswith(shape.suffix):
+        if shape is not None and payload.startswith(shape.lead) and payload.endswith(shape.suffix):
             # A chunk of the learnt shape: only its string value is new. Splicing that value in gives
             # the bytes orjson.dumps would give for the rewritten object, without a parse of the rest.
             value = payload[shape.at : len(payload) - len(shape.suffix)]
@@ -572,18 +572,18 @@ _CANONICAL_STRING: Final = re.compile(rb'"(?:[^"\\\x00-\x1f]|\\[nrtbf"\\])*"')
 
 
 class _Shape:
-    """A stream's reasoning chunk as learnt by _learn: ``prefix`` + ``"K":`` + a string value +
-    ``suffix``; its rewrite is ``head`` + value [+ ``middle`` + value, for emit both] + suffix.
-    ``line``: such a frame's line up to its value (``data: `` + prefix + ``"K":``)."""
+    """A stream's reasoning chunk as learnt by _learn: ``lead`` (the prefix and ``"K":``) + a string
+    value + ``suffix``; its rewrite is ``head`` + value [+ ``middle`` + value, for emit both] +
+    suffix. ``line``: such a frame's line up to its value (``data: `` + lead)."""
 
-    __slots__ = ("at", "head", "line", "line_head", "middle", "prefix", "suffix", "tail")
+    __slots__ = ("at", "head", "lead", "line", "line_head", "middle", "suffix", "tail")
 
     def __init__(self, prefix: bytes, have: bytes, suffix: bytes, mode: int) -> None:
         other = b'"reasoning":' if have == b'"reasoning_content":' else b'"reasoning_content":'
-        self.prefix, self.suffix = prefix, suffix
-        self.head, self.middle = (prefix + have, b"," + other) if mode == _BOTH else (prefix + other, b"")
-        self.at = len(prefix) + len(have)  # the value's first byte (its opening quote)
-        self.line, self.line_head, self.tail = b"data: " + prefix + have, b"data: " + self.head, suffix + b"\n\n"
+        self.lead, self.suffix = prefix + have, suffix  # a chunk of the shape starts with lead, ends with suffix
+        self.head, self.middle = (self.lead, b"," + other) if mode == _BOTH else (prefix + other, b"")
+        self.at = len(self.lead)  # the value's first byte (its opening quote)
+        self.line, self.line_head, self.tail = b"data: " + self.lead, b"data: " + self.head, suffix + b"\n\n"
 
     def splice(self, value: bytes) -> bytes:
         if self.middle:

@@ -958,7 +958,7 @@ def shaped_frame(draw: st.DrawFn, key: bytes) -> bytes:
     """A frame of one stream's reasoning shape, or one that only looks like it."""
     value = orjson.dumps(draw(ANY_TEXT))
     kind = draw(st.sampled_from(["shaped"] * 6 + ["ascii", "bad_utf8", "raw_control", "null", "number", "more",
-                                                  "other_end", "quote_in", "spaced", "content"]))
+                                                  "other_end", "quote_in", "spaced", "content", "other_key"]))
     if kind == "ascii":  # valid JSON, not orjson's bytes: the parse's bytes go out
         value = json.dumps(draw(ANY_TEXT) + "é").encode()
     elif kind == "bad_utf8":
@@ -978,6 +978,8 @@ def shaped_frame(draw: st.DrawFn, key: bytes) -> bytes:
         middle = key + b": " + value
     elif kind == "content":
         middle = b'"content":' + value
+    elif kind == "other_key":  # the same bytes around the value but the other name
+        middle = (b'"reasoning_content":' if key == b'"reasoning"' else b'"reasoning":') + value
     end = b'},"logprobs":null,"finish_reason":"stop"}]}\n\n' if kind == "other_end" else SHAPED_END
     return SHAPED + middle + end
 
@@ -995,7 +997,7 @@ def test_property_learnt_shape_splice_equals_the_parse(key: bytes, emit: str, da
     assert relay.rewritten == sum(expected_reasoning_frame(f, emit) != f for f in frames)
     assert relay.bad_frames == sum(frame_json(f) is None for f in frames[:-1])
     changes = emit == "both" or (emit == "reasoning") != (key == b'"reasoning"')
-    assert (relay._shape is not None) == changes  # the splice was there to be tested
+    assert relay._shape is not None or not changes  # the splice was there to be tested
 
 
 def test_shape_is_not_learnt_from_a_needle_that_is_not_the_deltas_key() -> None:
@@ -1011,6 +1013,11 @@ def test_shape_is_not_learnt_from_a_needle_that_is_not_the_deltas_key() -> None:
         out, relay = run("both", [stream])
         assert out == expected_stream(stream, "both")
         assert relay._shape is None, frame
+    # found by a differential fuzz: the shape learnt from the first chunk must not take the second
+    # (the other key, whose value from the learnt offset on reads as a string) for one of its own
+    stream = SHAPED + b'"reasoning_content":""' + SHAPED_END + SHAPED + b'"reasoning":"\\t\\"\\"\\""' + SHAPED_END
+    for emit in REWRITE_EMITS:
+        assert run(emit, [stream])[0] == expected_stream(stream, emit), emit
     learnt = [
         SHAPED + b'"reasoning":"x"' + SHAPED_END,
         b'data: {"choices":[{"delta":{"content":"x","reasoning_content":"a"}}]}\n\n',  # more keys in the delta

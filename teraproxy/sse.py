@@ -305,7 +305,7 @@ class SSERelay:
         self._held = bytearray()  # before the start: all bytes so far; after: the one incomplete frame
         self._scanned = 0  # before the start: _held[:_scanned] are complete frames without data
         self._tail = b""  # the last returned region that holds an event with data
-        self._shape: _Shape | None = None  # the stream's reasoning chunk, learnt from the last one parsed
+        self._shape: _Shape | None = None  # the stream's reasoning chunk: from the last parsed one that had one
         self.max_event = max_event
         self.started = False
         self.oversize = False
@@ -456,7 +456,7 @@ class SSERelay:
         done = 0
         stop = last + len(_NEEDLE)
         shape = None
-        line = suffix = head = middle = tail = b""
+        line = suffix = line_head = middle = tail = b""
         nl = ns = 0
         pos = region.find(_NEEDLE, 0, stop)
         while pos >= 0:
@@ -464,7 +464,7 @@ class SSERelay:
             if shape is not self._shape:  # (learnt by _new_json)
                 shape = self._shape
                 if shape is not None:
-                    line, suffix, head, tail = shape.line, shape.suffix, shape.line_head, shape.tail
+                    line, suffix, line_head, tail = shape.line, shape.suffix, shape.line_head, shape.tail
                     middle, nl, ns = shape.middle, len(line), len(suffix)
             if k > pos and region[k + 1] == 10:
                 # LF only, and the needle is in the one-line frame starting at done.
@@ -472,13 +472,8 @@ class SSERelay:
                 if shape is not None and region.startswith(line, done) and region.startswith(suffix, k - ns):
                     # a frame of the learnt shape (see _new_json): its value spliced in, if canonical
                     value = region[done + nl : k - ns]
-                    try:
-                        # a string (its quote first: not null, not a number), orjson's own bytes
-                        canonical = len(value) > 1 and value[0] == 34 and orjson.dumps(orjson.loads(value)) == value
-                    except ValueError:
-                        canonical = False
-                    if canonical:
-                        pieces += (head, value, middle, value, tail) if middle else (head, value, tail)
+                    if _canonical_string(value):
+                        pieces += (line_head, value, middle, value, tail) if middle else (line_head, value, tail)
                         self.rewritten += 1
                         done = end
                         pos = region.find(_NEEDLE, end, stop)
@@ -547,14 +542,9 @@ class SSERelay:
             # A chunk of the learnt shape: only its string value is new. Splicing that value in gives
             # the bytes orjson.dumps would give for the rewritten object, without a parse of the rest.
             value = payload[shape.at : len(payload) - len(shape.suffix)]
-            if len(value) > 1 and value[0] == 34:  # the opening quote at the learnt offset
-                try:
-                    canonical = orjson.dumps(orjson.loads(value)) == value
-                except ValueError:  # not one complete JSON string (quote inside, bad escape, ...)
-                    canonical = False
-                if canonical:  # (a value that is not a str starts with no quote)
-                    self.rewritten += 1
-                    return shape.splice(value)
+            if _canonical_string(value):
+                self.rewritten += 1
+                return shape.splice(value)
         try:
             new = _rewrite_json(payload, "delta", self._mode)
         except ValueError:  # incl. orjson.JSONDecodeError
@@ -566,9 +556,15 @@ class SSERelay:
         return new
 
 
-# An orjson-canonical JSON string: its own serialisation (orjson escapes only these, and control
-# characters as \u00XX, which this leaves to the per-frame path).
-_CANONICAL_STRING: Final = re.compile(rb'"(?:[^"\\\x00-\x1f]|\\[nrtbf"\\])*"')
+def _canonical_string(value: bytes) -> bool:
+    """value is one complete JSON string in orjson's own bytes (the quote first: not null, not a
+    number; a quote inside or a foreign escape fails the round trip)."""
+    if len(value) < 2 or value[0] != 34:
+        return False
+    try:
+        return orjson.dumps(orjson.loads(value)) == value
+    except ValueError:
+        return False
 
 
 class _Shape:

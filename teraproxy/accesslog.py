@@ -30,7 +30,7 @@ BATCH = 64 * 1024  # pending bytes that are handed to the writer without waiting
 
 
 class AccessLog:
-    __slots__ = ("_cond", "_dropped", "_handle", "_pending", "_queue", "_queued", "_size", "_stop", "_thread",
+    __slots__ = ("_cond", "_dropped", "_handle", "_pending", "_queue", "_queued", "_size", "_stop", "_writer",
                  "delay", "max_buffer", "stream")
 
     def __init__(self, stream: BinaryIO | None, delay: float = 0.05, max_buffer: int = 4 * 1024 * 1024) -> None:
@@ -45,7 +45,7 @@ class AccessLog:
         self._queued = 0  # bytes handed over and not yet written
         self._dropped = 0
         self._stop = False
-        self._thread: threading.Thread | None = None
+        self._writer: threading.Thread | None = None
 
     @property
     def enabled(self) -> bool:
@@ -86,9 +86,9 @@ class AccessLog:
             self._queue.append(data)
             self._queued += len(data)
             self._cond.notify()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="teraproxy-access-log", daemon=True)
-                self._thread.start()
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._run, name="teraproxy-access-log", daemon=True)
+                self._writer.start()
 
     def _run(self) -> None:
         while True:

@@ -361,12 +361,12 @@ class Proxy:
                     raise ShuttingDown("The gateway is shutting down; the request was not completed.") from None
                 att.failed(e)
                 last = e
-                if e.final:
-                    break
             finally:
                 att.finish()
                 for q in replica.queues:
                     q.freed()  # the "capacity freed" event: admit the next one waiting (any model it serves)
+            if last is not None and last.final:  # this attempt's failure (mypyc cannot break inside try/finally)
+                break
         if last is not None:
             if last.error is not None:
                 raise last.error
@@ -418,8 +418,8 @@ class Proxy:
                                            t.headers if mode == "full" else t.idle, t.idle)
         except client.UpstreamFailure as e:
             raise failed(replica, "did not answer", e) from None
-        except client.PoolBusy as e:  # our own congestion: no verdict on the replica, no retry
-            raise UpstreamBusy(f"The gateway is busy: {e}; retry shortly.", headers={"Retry-After": "1"}) from None
+        except client.PoolBusy as busy:  # our own congestion: no verdict on the replica, no retry
+            raise UpstreamBusy(f"The gateway is busy: {busy}; retry shortly.", headers={"Retry-After": "1"}) from None
         self.exchanges.add(ex)
         try:
             status = ex.status

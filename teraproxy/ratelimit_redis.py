@@ -251,8 +251,8 @@ class RedisLimiter:
             async with asyncio.timeout(self.timeout):
                 try:
                     return await self._conn.call(command)
-                except RedisError as e:
-                    if not str(e).startswith("NOSCRIPT"):
+                except RedisError as err:
+                    if not str(err).startswith("NOSCRIPT"):
                         raise
                     # a new or restarted Redis: load every script, so a charge never meets NOSCRIPT later
                     await asyncio.gather(*(self._conn.call(encode("SCRIPT", "LOAD", x)) for x in _SHA))

@@ -412,7 +412,10 @@ class SSERelay:
                     self._scanned = end
                 return b""
             self._scanned = 0  # _emit starts the stream
-        region = buf[:end] if isinstance(buf, bytes) else bytes(buf[:end])
+        if isinstance(buf, bytes):
+            region = buf if end == len(buf) else buf[:end]  # (compiled, even a whole slice copies)
+        else:
+            region = bytes(buf[:end])
         if buf is held:
             del held[:end]
         elif end < len(buf):

@@ -461,15 +461,15 @@ async def test_slow_body_gets_408(cluster: Cluster) -> None:
 
 async def test_unexpected_error_is_openai_shaped_500(cluster: Cluster, http: aiohttp.ClientSession,
                                                      caplog: pytest.LogCaptureFixture) -> None:
-    from teraproxy.app import PROXY
+    from teraproxy.app import API
 
     r = await cluster.replica()
     p = await cluster.proxy([r])
 
-    def broken(*_: object) -> None:
+    async def broken(*_: object) -> None:
         raise RuntimeError("a bug")
 
-    p.app[PROXY]._parse = broken  # type: ignore[method-assign]  # stands in for any bug on the path
+    p.app[API].routes["/v1/chat/completions"]["POST"] = broken  # stands in for any bug on the path
     with caplog.at_level(logging.ERROR):
         async with http.post(f"{p.v1}/chat/completions", data=b"{}") as resp:
             doc = await resp.json()

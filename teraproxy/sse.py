@@ -38,7 +38,9 @@ Invariants:
   re-serialised; any other frame (comments, ``[DONE]``, usage, errors,
   ``"reasoning`` inside a string, invalid JSON) keeps its original bytes.  A
   rewritten frame keeps its other lines verbatim; its data lines become one
-  ``data: <json>`` line ended like the first.  Values survive, within orjson's
+  ``data: <json>`` line ended like the first (a line ended by a lone CR that
+  comes to stand before the blank line's LF gets CRLF: the two stay two line
+  ends and the frame stays complete).  Values survive, within orjson's
   round trip (integers beyond 64 bits become floats, duplicate keys collapse).
 * A rewritten frame's bytes are orjson.dumps of the rewritten object, however
   they were made: after the first rewritten chunk of a stream, chunks of the
@@ -532,6 +534,8 @@ class SSERelay:
         first = True
         for content, term in lines:
             if _data_value(content) is None:
+                if not content and term[0] == 10 and out and out[-1] == b"\r":
+                    out[-1] = b"\r\n"  # the data lines between are gone: a lone CR would eat this LF
                 out += (content, term)
             elif first:
                 out += (b"data: ", new, term)

@@ -164,6 +164,8 @@ def expected_reasoning_frame(frame: bytes, emit: str) -> bytes:
     first = True
     for line in frame.splitlines(keepends=True):
         if data_value(line) is None:
+            if line.startswith(b"\n") and out.endswith(b"\r"):
+                out += b"\n"  # a lone CR (its data lines dropped) would make this LF one CRLF
             out += line
         elif first:
             term = line[len(line.rstrip(b"\r\n")) :]
@@ -360,6 +362,16 @@ def test_multiline_and_other_lines_collapse_to_one_data_line() -> None:
         b": note\r\nid: 5\r\n\r\n"
     )
     assert out == expected and relay.rewritten == 1 and relay.started and not relay.done
+
+
+def test_a_lone_cr_left_before_the_blank_line_does_not_eat_its_lf() -> None:
+    # Hypothesis found it: with the data lines between gone, ": c\r" + "\n" would read as one CRLF
+    # line end, and the frame (here the last, so the [DONE] before it stops counting) never ends.
+    for frame, kept in ((b'data: {"choices":[{"delta":\n: c\rdata: {"reasoning":"x"}}]}\n\n', b": c\r\n\n"),
+                        (b'data: {"choices":[{"delta":{"reasoning":"x"}}]}\rdata:\n\n', b"\r\n\n")):
+        out, relay = run("both", [b"data: [DONE]\n\n", frame])
+        assert out.endswith(kept) and relay.rewritten == 1 and not relay.done
+        assert split_frames(out) == ([b"data: [DONE]\n\n", out[14:]], b"")
 
 
 def test_error_usage_done_and_needle_in_strings_pass_unchanged() -> None:

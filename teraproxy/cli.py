@@ -17,7 +17,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from teraproxy import __version__
+from teraproxy import __version__, build
 from teraproxy.config import Config, ConfigError, load_config, parse_config, parse_listen
 
 USAGE_ERROR = 2
@@ -304,7 +304,7 @@ def cmd_key(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="teraproxy", description="OpenAI-compatible gateway for vLLM replicas")
-    p.add_argument("--version", action="version", version=f"teraproxy {__version__}")
+    p.add_argument("--version", action="version", version=f"teraproxy {__version__} ({build()})")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the proxy daemon")

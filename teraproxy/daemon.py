@@ -28,7 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
-from teraproxy import __version__, systemd
+from teraproxy import __version__, build, systemd
 from teraproxy.app import LIVE, PROXY, RELOADER, start_servers
 from teraproxy.cli import StartupError
 from teraproxy.config import Config
@@ -71,8 +71,8 @@ class Daemon:
         app[RELOADER].overrides = self.overrides
         self.app = app
         try:
-            log.info("teraproxy %s listening on %s%s (admin: %s), %d model(s)", __version__, self.config.listen,
-                     " (inherited socket)" if inherited else "", self.config.admin_listen or "off",
+            log.info("teraproxy %s (%s) listening on %s%s (admin: %s), %d model(s)", __version__, build(),
+                     self.config.listen, " (inherited socket)" if inherited else "", self.config.admin_listen or "off",
                      len(self.config.models))
             await _first_round(live)
             tune_gc()

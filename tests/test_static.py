@@ -61,3 +61,15 @@ def test_compiled_modules_give_each_except_name_one_type() -> None:
                 clashes += [f"{name}.{fn.name}: {v} as {sorted(t)}" for v, t in types.items() if len(t) > 1]
     assert clashes == []
 
+
+def test_ci_tests_the_compiled_build() -> None:
+    """With TERAPROXY_MYPYC=1 (.ci/run) the suite runs the extensions that ship, none older than its source."""
+    import os
+
+    import pytest
+
+    from teraproxy import build
+
+    if os.environ.get("TERAPROXY_MYPYC") != "1":
+        pytest.skip("an install without TERAPROXY_MYPYC=1")
+    assert build() == "compiled"

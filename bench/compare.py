@@ -63,6 +63,7 @@ from bench.measure import Scenario, measure, scenarios_for, select  # noqa: E402
 from bench.procs import Procs, raise_nofile  # noqa: E402
 from bench.report import aggregate, fmt, markdown_table, write_chart  # noqa: E402
 from bench.targets import LABEL, PHASES, VARIANTS, ensure_nginx, nginx_version, start_phase  # noqa: E402
+from teraproxy import build  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "nginx": nginx_version(nginx) if nginx else None,
+        "teraproxy_build": build(),  # compiled (mypyc) or interpreted
         "access_log": a.access_log == "on",
         "failed": failed,
     }

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.procs import Procs, child_env, free_port, wait_http
 from bench.targets import MODEL, find_nginx, render_nginx_conf, teraproxy_conf
+from teraproxy import build
 
 VALGRIND = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no", "--dump-line=no"]
 
@@ -107,7 +108,7 @@ def main() -> int:
         procs.stop_all()
     what = "non-streamed request" if args.scenario == "S1" else "stream of 256 frames"
     print(f"instructions per {what}{' (reasoning rewrite)' if args.rewrite else ''} "
-          f"({args.requests} after {args.warmup} of warm-up):")
+          f"({args.requests} after {args.warmup} of warm-up; teraproxy {build()}):")
     for name, v in rows:
         print(f"  {name:10} {v / 1000:8.0f}k")
     if len(rows) == 2:

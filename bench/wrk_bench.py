@@ -34,6 +34,7 @@ if str(REPO) not in sys.path:
 
 from bench.procs import Procs, cpu_seconds, process_tree, raise_nofile  # noqa: E402
 from bench.targets import LABEL, MODEL, Target, ensure_nginx, start_phase  # noqa: E402
+from teraproxy import build  # noqa: E402
 
 VARIANTS = ("direct", "nginx", "teraproxy", "direct_rc", "teraproxy_rw")
 _LUA = """wrk.method = "POST"
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         procs.stop_all()
         shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"teraproxy {build()}")
     print(table({v: r for v, r in rows.items() if r}))
     return 0
 

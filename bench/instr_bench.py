@@ -10,7 +10,7 @@ then off, and the count is divided by the requests. ``--scenario S1``: non-strea
 runs as one process (``master_process off``) with the same config as bench/compare.py. Access logs
 on for both.
 
-    python bench/instr_bench.py [--scenario S1|S2] [--rewrite] [--requests 1000] [--no-nginx]
+    python bench/instr_bench.py [--scenario S1|S2] [--rewrite] [--requests 1000] [--no-nginx] [--keep DIR]
 
 Needs valgrind (``apt-get install valgrind``). Not a timing: instructions are not cycles (cache
 misses and branch mispredictions are not in it) and callgrind sees user space only, not the kernel's
@@ -74,6 +74,8 @@ def main() -> int:
     ap.add_argument("--no-nginx", action="store_true")
     ap.add_argument("--scenario", choices=sorted(SCENARIOS), default="S1")
     ap.add_argument("--rewrite", action="store_true", help="teraproxy with emit both, sim with reasoning_content")
+    ap.add_argument("--keep", metavar="DIR", type=Path,
+                    help="keep the callgrind files in DIR, for a profile: callgrind_annotate DIR/cg.teraproxy.*")
     args = ap.parse_args()
     if shutil.which("valgrind") is None:
         print("needs valgrind: apt-get install valgrind", file=sys.stderr)
@@ -113,6 +115,10 @@ def main() -> int:
         print(f"  {name:10} {v / 1000:8.0f}k")
     if len(rows) == 2:
         print(f"  ratio      {rows[0][1] / rows[1][1]:8.2f}x")
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        for f in run_dir.glob("cg.*"):
+            shutil.copy(f, args.keep)
     shutil.rmtree(run_dir, ignore_errors=True)
     return 0
 

@@ -7,13 +7,15 @@ and the sim.
 """
 
 import os
+import sys
 
 from setuptools import setup
 
 from teraproxy import COMPILED  # the package's __init__ imports nothing else
 
 ext_modules = []
-if os.environ.get("TERAPROXY_MYPYC") == "1":
+# metadata and the sdist need no extensions (and would run mypy once more; their build env has none)
+if os.environ.get("TERAPROXY_MYPYC") == "1" and not {"sdist", "egg_info", "dist_info"} & set(sys.argv[1:]):
     from mypyc.build import mypycify
 
     ext_modules = mypycify([f"teraproxy/{m}.py" for m in COMPILED], opt_level="3",

@@ -10,19 +10,23 @@ COMPILED = ("accesslog", "admission", "auth", "balance", "breaker", "client", "e
 
 
 def build() -> str:
-    """"compiled" or "interpreted", and in a checkout the compiled modules whose source was edited
-    since (Python imports the extension, so the edit does not run until the install is repeated)."""
+    """"compiled", "interpreted", or what is amiss: compiled modules that run interpreted, or in a
+    checkout the ones whose source was edited since the install built them (Python imports the
+    extension, so the edit does not run until the install is repeated)."""
+    import importlib
     import importlib.machinery
     import os
 
-    from teraproxy import sse
-
-    if sse.__file__ is None or sse.__file__.endswith(".py"):
+    native = [n for n in COMPILED if isinstance(importlib.import_module(f"teraproxy.{n}").__loader__,
+                                                 importlib.machinery.ExtensionFileLoader)]
+    if not native:
         return "interpreted"
+    if len(native) < len(COMPILED):
+        return f"partly compiled; interpreted: {', '.join(n for n in COMPILED if n not in native)}"
     here = os.path.dirname(os.path.abspath(__file__))
-    stale = []
-    for name in COMPILED:
-        src, ext = (os.path.join(here, name + s) for s in (".py", importlib.machinery.EXTENSION_SUFFIXES[0]))
-        if os.path.exists(src) and os.path.exists(ext) and os.path.getmtime(src) > os.path.getmtime(ext) + 2:
-            stale.append(name)
+    lib = os.path.join(here, "_native__mypyc" + importlib.machinery.EXTENSION_SUFFIXES[0])  # all of their code
+    if not (os.path.exists(os.path.join(here, os.pardir, "setup.py")) and os.path.exists(lib)):
+        return "compiled"  # an installed wheel: its files' times say nothing
+    built = os.path.getmtime(lib) + 2
+    stale = [n for n in COMPILED if os.path.getmtime(os.path.join(here, n + ".py")) > built]
     return f"compiled; stale, sources edited since: {', '.join(stale)}" if stale else "compiled"

@@ -119,7 +119,7 @@ def parse_metrics(text: bytes, at: float = 0.0, in_flight: int = 0) -> LoadRepor
                     break
                 if into is not None:
                     into.append(min(v, 1.0))
-                elif name is _RUNNING:
+                elif name == _RUNNING:
                     running += v
                     seen = True
                 else:

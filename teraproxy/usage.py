@@ -139,7 +139,7 @@ class UsageTap:
             self._held = b""
             return buf
         self._held = buf[end:]
-        return self._frames(buf[:end]) if end else b""
+        return self._frames(buf if end == len(buf) else buf[:end]) if end else b""  # (compiled, a whole slice copies)
 
     def flush(self) -> bytes:
         """At the end of the stream: whatever incomplete frame is left, unchanged."""

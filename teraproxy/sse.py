@@ -688,7 +688,7 @@ def rewrite_message_body(body: bytes, emit: str) -> bytes:
     reasoning key, not valid JSON, ...).
     """
     mode = _mode_of(emit)
-    if mode == _PASSTHROUGH or body.rfind(_NEEDLE) < 0 or _only_null_reasoning(body):
+    if mode == _PASSTHROUGH or _only_null_reasoning(body, body.rfind(_NEEDLE)):
         return body
     try:
         new = _rewrite_json(body, "message", mode)
@@ -697,12 +697,19 @@ def rewrite_message_body(body: bytes, emit: str) -> bytes:
     return body if new is None else new
 
 
-def _only_null_reasoning(body: bytes) -> bool:
-    """Every reasoning key in body has a null value (vLLM's answer without reasoning): nothing to
-    rewrite, known without a parse. Each null pattern holds the needle once, so equal counts mean
-    no needle is followed by anything else; a needle inside a string only makes this False."""
-    return body.count(_NEEDLE) == (body.count(b'"reasoning":null') + body.count(b'"reasoning_content":null')
-                                   + body.count(b'"reasoning": null') + body.count(b'"reasoning_content": null'))
+_NULLS: Final = (b'"reasoning":null', b'"reasoning_content":null', b'"reasoning": null', b'"reasoning_content": null')
+
+
+def _only_null_reasoning(body: bytes, pos: int) -> bool:
+    """Every reasoning key in body has a null value (vLLM's answer without reasoning), or there is
+    none: nothing to rewrite, known without a parse. pos: the last needle (or -1); the search goes
+    back from needle to needle and stops at the first that is not a null pattern (one scan at most;
+    a needle inside a string only makes this False)."""
+    while pos >= 0:
+        if not body.startswith(_NULLS, pos):
+            return False
+        pos = body.rfind(_NEEDLE, 0, pos)
+    return True
 
 
 def add_request_reasoning(payload: dict[str, Any]) -> bool:

@@ -752,6 +752,8 @@ def test_null_reasoning_is_not_aliased_nor_parsed(monkeypatch: pytest.MonkeyPatc
     monkeypatch.undo()
     text = completion({"role": "assistant", "content": 'a "reasoning":null b', R: "why"})
     assert orjson.loads(rewrite_message_body(text, "both"))["choices"][0]["message"][RC] == "why"
+    two = orjson.dumps({"choices": [{"index": 0, "message": {R: "why"}}, {"index": 1, "message": {R: None}}]})
+    assert [c["message"].get(RC) for c in orjson.loads(rewrite_message_body(two, "both"))["choices"]] == ["why", None]
     null_in_text = completion({"role": "assistant", "content": 'say "reasoning', R: None})
     assert rewrite_message_body(null_in_text, "both") is null_in_text  # parsed, nothing to change
     delta = sse(chunk({R: None, "content": "x"}))

@@ -302,9 +302,17 @@ def cmd_key(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Version(argparse.Action):
+    """--version, with the build looked up only when asked (it imports every compiled module)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(f"teraproxy {__version__} ({build()})")  # on stdout, as argparse's own version action
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="teraproxy", description="OpenAI-compatible gateway for vLLM replicas")
-    p.add_argument("--version", action="version", version=f"teraproxy {__version__} ({build()})")
+    p.add_argument("--version", action=_Version, nargs=0, help="print the version and build, and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the proxy daemon")

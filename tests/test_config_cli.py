@@ -115,6 +115,14 @@ def test_check_ok_and_bad(tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr
 
 
+
+def test_version_names_the_build() -> None:
+    from teraproxy import __version__, build
+
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout == f"teraproxy {__version__} ({build()})\n"
+    assert build() in ("compiled", "interpreted")  # this checkout: not partly compiled, nothing stale
+
 def test_bad_inputs_exit_2_with_one_line(tmp_path: Path) -> None:
     (tmp_path / "broken.yaml").write_text("listen: [unclosed\n")
     for args in (["serve", "--config", str(tmp_path / "missing.yaml")],

@@ -1,16 +1,17 @@
-"""CPU instructions per request (S1) or per stream (S2), teraproxy and nginx, counted by callgrind.
+"""CPU instructions per request (S1) or per stream (S2, S3), teraproxy and nginx, counted by callgrind.
 
 A CPU-time ratio moves with the core (Python pays more than C on a slow one) and with the host's
 neighbours; an instruction count does neither, so it is what a change to the hot path is judged by
 here (it repeats to well under 1%). Each proxy runs alone under callgrind with counting off; after a
 warm-up, counting is switched on for ``--requests`` requests (bench/loadgen.py, one sim on loopback),
 then off, and the count is divided by the requests. ``--scenario S1``: non-streamed, 64 tokens;
-``S2``: streamed, 256 tokens with no delay (as compare.py's S2), ``--rewrite``: teraproxy with emit
+``S2``: streamed, 256 tokens with no delay (as compare.py's S2); ``S3``: 64 paced tokens (20 ms apart, 8
+streams: one frame per read, as compare.py's S3; per frame is printed too); ``--rewrite``: teraproxy with emit
 ``both`` against a sim that streams ``reasoning_content`` (compare.py's "teraproxy rewrite"). nginx
 runs as one process (``master_process off``) with the same config as bench/compare.py. Access logs
 on for both.
 
-    python bench/instr_bench.py [--scenario S1|S2] [--rewrite] [--requests 1000] [--no-nginx] [--keep DIR]
+    python bench/instr_bench.py [--scenario S1|S2|S3] [--rewrite] [--requests 1000] [--no-nginx] [--keep DIR]
 
 Needs valgrind (``apt-get install valgrind``). Not a timing: instructions are not cycles (cache
 misses and branch mispredictions are not in it) and callgrind sees user space only, not the kernel's
@@ -37,14 +38,17 @@ from teraproxy import build
 VALGRIND = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no", "--dump-line=no"]
 
 
-SCENARIOS = {"S1": ("64", []), "S2": ("256", ["--stream"])}  # the sim's tokens (and max_tokens), loadgen flags
+# the sim's tokens (and max_tokens) and ITL (ms), loadgen's concurrency and flags; S3: paced frames, one per
+# read (8 streams at 20 ms stay well inside what the proxy does under callgrind, so reads do not bunch)
+SCENARIOS = {"S1": ("64", "0", "16", []), "S2": ("256", "0", "16", ["--stream"]),
+             "S3": ("64", "20", "8", ["--stream"])}
 
 
 def _load(port: int, n: int, scenario: str) -> None:
-    tokens, flags = SCENARIOS[scenario]
+    tokens, _, concurrency, flags = SCENARIOS[scenario]
     subprocess.run([sys.executable, str(Path(__file__).parent / "loadgen.py"), "--url", f"http://127.0.0.1:{port}/v1",
-                    "--model", MODEL, "--concurrency", "16", "--requests", str(n), "--max-tokens", tokens, *flags,
-                    "--quiet"],
+                    "--model", MODEL, "--concurrency", concurrency, "--requests", str(n), "--max-tokens", tokens,
+                    *flags, "--quiet"],
                    check=True, stdout=subprocess.DEVNULL, timeout=900)
 
 
@@ -86,7 +90,7 @@ def main() -> int:
     try:
         sim_port = free_port()
         sim = procs.start("sim", [sys.executable, "-m", "teraproxy", "sim", "--host", "127.0.0.1", "--port",
-                                  str(sim_port), "--model", MODEL, "--ttft", "0", "--itl", "0",
+                                  str(sim_port), "--model", MODEL, "--ttft", "0", "--itl", SCENARIOS[args.scenario][1],
                                   "--tokens", SCENARIOS[args.scenario][0],
                                   "--reasoning-field", "reasoning_content" if args.rewrite else "none"],
                          cpu=0, env=child_env())
@@ -108,13 +112,16 @@ def main() -> int:
                                          args.requests, args.scenario)))
     finally:
         procs.stop_all()
-    what = "non-streamed request" if args.scenario == "S1" else "stream of 256 frames"
+    tokens = SCENARIOS[args.scenario][0]
+    what = "non-streamed request" if args.scenario == "S1" else f"stream of {tokens} frames"
     print(f"instructions per {what}{' (reasoning rewrite)' if args.rewrite else ''} "
           f"({args.requests} after {args.warmup} of warm-up; teraproxy {build()}):")
     for name, v in rows:
         print(f"  {name:10} {v / 1000:8.0f}k")
     if len(rows) == 2:
         print(f"  ratio      {rows[0][1] / rows[1][1]:8.2f}x")
+    if args.scenario == "S3":  # frames + [DONE] (and the usage frame): ~one read each
+        print("per frame: " + ", ".join(f"{name} {v / (int(tokens) + 2) / 1000:.1f}k" for name, v in rows))
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
         for f in run_dir.glob("cg.*"):

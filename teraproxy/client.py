@@ -222,8 +222,8 @@ class _StopParsing(Exception):
 
 class _Conn(asyncio.Protocol):
     __slots__ = (
-        "client", "counted", "ex", "family", "fd", "idle_since", "interim", "lost", "origin", "parser",
-        "paused", "transport",
+        "_feed", "_now", "client", "counted", "ex", "family", "fd", "idle_since", "interim", "lost", "origin",
+        "parser", "paused", "transport",
     )
 
     def __init__(self, origin: Origin, client: Client) -> None:
@@ -231,6 +231,9 @@ class _Conn(asyncio.Protocol):
         self.client = client
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        # called once per read: looked up once (a compiled method call on a C type looks it up each time)
+        self._feed = self.parser.feed_data
+        self._now = asyncio.get_running_loop().time
         self.ex: Exchange | None = None
         self.lost = False
         self.paused = False
@@ -257,7 +260,7 @@ class _Conn(asyncio.Protocol):
         ex.got_bytes = True
         try:
             if ex.headers_done:
-                self.parser.feed_data(data)
+                self._feed(data)
             else:
                 self._feed_head(ex, data)
                 if ex.headers_done:
@@ -374,7 +377,7 @@ class _Conn(asyncio.Protocol):
         if self.interim:
             return
         ex: Exchange = self.ex  # type: ignore[assignment]
-        ex.last_data = ex.loop.time()
+        ex.last_data = self._now()
         ex.on_body(body)
 
     def on_message_complete(self) -> None:

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("teraproxy")
 
-CLIENT_HIGH_WATER = 256 * 1024  # bytes queued for a client above which its replica is paused
+CLIENT_HIGH_WATER: Final = 256 * 1024  # bytes queued for a client above which its replica is paused
 _HEADS = reply.Heads()  # encoded status lines of SSE answers
 _DONE = b"data: [DONE]\n\n"
 # Access-log codes of streams that broke after the commit point (stable: dashboards key on them).
@@ -337,12 +337,10 @@ async def _pump(request: web.Request, resp: web.StreamResponse | None, att: Atte
         except ConnectionError:
             return sink  # the client went away: the caller sees a closing transport
 
-    write = sink.write
-
     def after_commit(data: bytes) -> None:
         out = feed(data)
         if out:
-            if write(out):
+            if sink.write(out):  # (compiled: a direct call, where a bound method goes through its wrapper)
                 ex.pause()  # the client reads slower than the replica writes: stop reading
                 ex.wake()
         elif on_nothing is not None:
@@ -387,41 +385,52 @@ async def _prepare(request: web.Request, resp: web.StreamResponse, ctx: Ctx) -> 
 
 
 class _Sink:
-    """Writes to the client transport, framing HTTP/1.1 chunks itself."""
+    """Writes to the client transport, framing HTTP/1.1 chunks itself. Called once per upstream read:
+    the transport's methods are looked up once, here, and a chunk's size line comes from a table."""
 
-    __slots__ = ("chunked", "transport")
+    __slots__ = ("_buffered", "_closing", "_write", "_writelines", "chunked", "transport")
 
     def __init__(self, transport: asyncio.Transport, chunked: bool) -> None:
         self.transport = transport
         self.chunked = chunked
+        self._write = transport.write
+        self._writelines = transport.writelines
+        self._buffered = transport.get_write_buffer_size
+        self._closing = transport.is_closing
 
     def start(self, head: bytes, out: bytes) -> bool:
         """The answer's head and its first bytes, in one write; True as ``write``."""
-        transport = self.transport
         if not out:
-            transport.write(head)
+            self._write(head)
         elif self.chunked:
-            transport.writelines((head, b"%x\r\n" % len(out), out, b"\r\n"))
+            self._writelines((head, _chunk_size(len(out)), out, b"\r\n"))
         else:
-            transport.writelines((head, out))
-        return transport.get_write_buffer_size() > CLIENT_HIGH_WATER
+            self._writelines((head, out))
+        return self._buffered() > CLIENT_HIGH_WATER
 
     def end(self) -> None:
         """The end of a chunked body (a body without chunks ends when the connection closes)."""
-        if self.chunked and not self.transport.is_closing():
-            self.transport.write(b"0\r\n\r\n")
+        if self.chunked and not self._closing():
+            self._write(b"0\r\n\r\n")
 
     def write(self, out: bytes) -> bool:
         """Write ``out``; True when the client's buffer is now over CLIENT_HIGH_WATER (one call per
         upstream read, so it answers both)."""
-        transport = self.transport
-        if not out or transport.is_closing():
+        if not out or self._closing():
             return False
         if self.chunked:
-            transport.writelines((b"%x\r\n" % len(out), out, b"\r\n"))
+            self._writelines((_chunk_size(len(out)), out, b"\r\n"))
         else:
-            transport.write(out)
-        return transport.get_write_buffer_size() > CLIENT_HIGH_WATER
+            self._write(out)
+        return self._buffered() > CLIENT_HIGH_WATER
+
+
+_TABLE: Final = 4096  # a chunk's size line, encoded in advance for chunks below this (a token's frame is ~250 bytes)
+_CHUNK_SIZES: Final = tuple(b"%x\r\n" % n for n in range(_TABLE))
+
+
+def _chunk_size(n: int) -> bytes:
+    return _CHUNK_SIZES[n] if n < _TABLE else b"%x\r\n" % n
 
 
 def _tapped(feed: Callable[[bytes], bytes], tap: usage.UsageTap) -> Callable[[bytes], bytes]:

@@ -116,7 +116,7 @@ def _reason(exc: HttpProcessingError) -> str:
 class Protocol(RequestHandler):
     """aiohttp's RequestHandler with our answer to malformed HTTP and half-closed clients."""
 
-    __slots__ = ("_answered", "_edge", "_eof", "_probe")
+    __slots__ = ("_answered", "_edge", "_eof", "_probe", "forwarded")
 
     def __init__(self, manager: web.Server, *, edge: Edge, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -124,6 +124,7 @@ class Protocol(RequestHandler):
         self._probe: asyncio.TimerHandle | None = None
         self._answered = 0  # answers written; aiohttp's _request_count counts the requests parsed
         self._eof = False  # the client half-closed (or closed: the same thing until a write fails)
+        self.forwarded: bytes | None = None  # forwarding() of this connection's peer with no client values
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:

@@ -21,7 +21,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
@@ -61,6 +61,38 @@ _DROP_REQUEST = frozenset(h.lower().encode() for h in (
     "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Content-Encoding",
     "Accept-Encoding", "Authorization", "Cookie", "X-Api-Key", "Api-Key", "OpenAI-Organization",
     "OpenAI-Project", "Expect", "X-Request-ID", "X-Forwarded-Proto", "Content-Type"))
+# What _upstream_headers does with a client's header, by its name as sent: the names seen are
+# remembered (lower() and two set lookups per header become one dict lookup), up to _KINDS_MAX.
+_PASS: Final = 0
+_DROP: Final = 1
+_XFF: Final = 2
+_FORWARDED: Final = 3
+_CONNECTION: Final = 4
+_KINDS: dict[bytes, int] = {}
+_KINDS_MAX: Final = 512  # header names are the client's: the memory they can take is bounded
+_NOT_NAMES: Final = frozenset((b"", b"close", b"keep-alive"))  # Connection tokens that name no header we pass
+
+
+def _forwarded_by(request: web.Request) -> bytes:
+    """edge.forwarding() for a request that brought no X-Forwarded-For or Forwarded of its own: the
+    same for each request of a connection, so made once per connection (kept on edge.Protocol)."""
+    proto = request.protocol
+    if not isinstance(proto, edge.Protocol):
+        return edge.forwarding([], [], request.remote, request.secure)
+    if proto.forwarded is None:
+        proto.forwarded = edge.forwarding([], [], request.remote, request.secure)
+    return proto.forwarded
+
+
+def _kind_of(name: bytes) -> int:
+    lk = name.lower()
+    kind = (_CONNECTION if lk == b"connection" else _DROP if lk in _DROP_REQUEST else _XFF if lk == b"x-forwarded-for"
+            else _FORWARDED if lk == b"forwarded" else _PASS)
+    if len(_KINDS) < _KINDS_MAX:
+        _KINDS[name] = kind
+    return kind
+
+
 # Copied from a replica's answer to the client (everything else is rebuilt or dropped).
 _KEEP_RESPONSE = (("Content-Type", b"content-type"), ("Content-Disposition", b"content-disposition"))
 _ERROR_BODY_LIMIT = 64 * 1024  # bytes of a replica's error answer read (and normalised) at most
@@ -290,21 +322,31 @@ class Proxy:
     @staticmethod
     def _upstream_headers(request: web.Request, rid: str) -> bytes:
         """The client's headers that may reach a replica, plus ours, as an encoded header block."""
-        connection = request.headers.get("Connection")
-        named = {h.strip().lower().encode() for h in connection.split(",")} if connection else ()
         parts: list[bytes] = []
         xff: list[bytes] = []
         fwd: list[bytes] = []
+        connection: list[bytes] = []
         for k, v in request.raw_headers:
-            lk = k.lower()
-            if lk == b"x-forwarded-for":  # every one of them, in order (even if Connection names it)
-                xff.append(v)
-            elif lk == b"forwarded":
-                fwd.append(v)
-            elif lk not in _DROP_REQUEST and lk not in named:
+            kind = _KINDS.get(k)
+            if kind is None:
+                kind = _kind_of(k)
+            if kind == _PASS:
                 parts.append(k + b": " + v + b"\r\n")
+            elif kind == _XFF:  # every one of them, in order (even if Connection names it)
+                xff.append(v)
+            elif kind == _FORWARDED:
+                fwd.append(v)
+            elif kind == _CONNECTION:
+                connection.append(v)
+        if connection:  # it names more hop-by-hop headers (keep-alive and close need no second look)
+            named = {t for v in connection for h in v.split(b",") if (t := h.strip().lower()) not in _NOT_NAMES}
+            if named:
+                parts = [p for p in parts if p[:p.index(b":")].lower() not in named]
         parts.append(b"X-Request-ID: " + rid.encode("latin-1") + b"\r\n")
-        parts.append(edge.forwarding(xff, fwd, request.remote, request.secure))
+        if xff or fwd:
+            parts.append(edge.forwarding(xff, fwd, request.remote, request.secure))
+        else:  # the usual case: the block depends on the connection only (its peer, whether TLS)
+            parts.append(_forwarded_by(request))
         return b"".join(parts)
 
     # -- attempts ----------------------------------------------------------------------------

@@ -365,6 +365,36 @@ async def test_forwarding_headers_are_joined_and_appended(cluster: Cluster) -> N
     assert values(plain, b"x-forwarded-proto") == [b"http"]
 
 
+async def test_forwarding_and_hop_headers_per_request_on_one_connection(cluster: Cluster) -> None:
+    """The forwarding block of a request without client values is kept per connection: requests with
+    and without them, pipelined on one connection, each get their own; every Connection header's
+    names are dropped, whatever their case."""
+    seen: list[list[tuple[bytes, bytes]]] = []
+
+    async def upstream(request: web.Request) -> web.Response:
+        seen.append(list(request.raw_headers))
+        return web.json_response({"id": "x", "object": "chat.completion", "choices": []})
+
+    url = await cluster.raw_upstream(upstream)
+    p = await cluster.proxy(models=[{"id": MODEL, "replicas": [{"url": url}]}])
+    data = (_post(_chat(), b"X-Keep: 1\r\n") + _post(_chat(), b"X-Forwarded-For: 203.0.113.7\r\n")
+            + _post(_chat(), b"connection: keep-alive\r\n", b"X-Hop: 1\r\n", b"x-keep: 2\r\n",
+                    b"Connection: X-HOP\r\n", b"x-other-hop: 3\r\n", b"CONNECTION: x-Other-Hop, close\r\n"))
+    answers = _answers(await _exchange(p.config.listen.port, data))
+    assert [a[0] for a in answers] == [200, 200, 200]
+
+    def values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+        return [v for k, v in headers if k.lower() == name]
+
+    plain, claimed, hops = seen
+    assert values(plain, b"x-forwarded-for") == [b"127.0.0.1"] and values(plain, b"x-keep") == [b"1"]
+    assert values(claimed, b"x-forwarded-for") == [b"203.0.113.7, 127.0.0.1"]
+    assert values(hops, b"x-forwarded-for") == [b"127.0.0.1"]
+    assert values(hops, b"forwarded") == [b"for=127.0.0.1;proto=http"]
+    assert values(hops, b"x-keep") == [b"2"]
+    assert not values(hops, b"x-hop") and not values(hops, b"x-other-hop") and not values(hops, b"connection")
+
+
 def test_forwarded_node_quotes_ipv6_and_bounds_the_chain() -> None:
     from teraproxy.edge import MAX_CHAIN, forwarding
 

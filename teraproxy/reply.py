@@ -17,6 +17,7 @@ knows the answer has begun (edge.Protocol: no 102 probe, no second answer after 
 
 from __future__ import annotations
 
+import time
 from http import HTTPStatus
 
 from aiohttp import web
@@ -39,12 +40,22 @@ def _status_line(version: tuple[int, int], status: int) -> bytes:
 
 
 class Heads:
-    """Encoded status lines (with the fixed headers), built once per (version, status)."""
+    """Encoded status lines (with the fixed headers), built once per (version, status); and the Date
+    header's value, made once a second (aiohttp's formatter is an interpreted call per answer)."""
 
-    __slots__ = ("lines",)
+    __slots__ = ("_date", "_date_at", "lines")
 
     def __init__(self) -> None:
         self.lines: dict[tuple[tuple[int, int], int], bytes] = {}
+        self._date = b""
+        self._date_at = -1
+
+    def date(self) -> bytes:
+        now = int(time.time())
+        if now != self._date_at:
+            self._date_at = now
+            self._date = rfc822_formatted_time().encode()
+        return self._date
 
     def line(self, version: tuple[int, int], status: int) -> bytes:
         key = (version, status)
@@ -73,12 +84,12 @@ class Sent(web.StreamResponse):
         return None
 
 
-def _head(parts: list[bytes], version: tuple[int, int], rid: str, decision: Decision | None,
+def _head(heads: Heads, parts: list[bytes], version: tuple[int, int], rid: str, decision: Decision | None,
           keep_alive: bool, chunked: bool) -> bytes:
     """An encoded head: ``parts`` (the status line and the caller's header lines), then X-Request-ID,
     Date, the key's x-ratelimit-*, and how an HTTP/1.x client knows the body's end and whether the
     connection stays open."""
-    parts += (b"X-Request-ID: ", rid.encode(), b"\r\nDate: ", rfc822_formatted_time().encode(), b"\r\n")
+    parts += (b"X-Request-ID: ", rid.encode(), b"\r\nDate: ", heads.date(), b"\r\n")
     if decision is not None:
         parts.extend(f"{k}: {v}\r\n".encode("latin-1") for k, v in decision.headers().items())
     if version >= HttpVersion11:
@@ -98,7 +109,7 @@ def stream_head(heads: Heads, request: web.BaseRequest, rid: str, decision: Deci
     connection closes, so the connection closes whatever the client asked."""
     version = request.version
     keep_alive = version >= HttpVersion11 and request.keep_alive and request.content.is_eof()
-    return _head([heads.line(version, 200), _SSE], version, rid, decision, keep_alive, True), keep_alive
+    return _head(heads, [heads.line(version, 200), _SSE], version, rid, decision, keep_alive, True), keep_alive
 
 
 def send(heads: Heads, request: web.BaseRequest, status: int, rid: str, body: bytes,
@@ -107,8 +118,9 @@ def send(heads: Heads, request: web.BaseRequest, status: int, rid: str, body: by
     When the client is gone already, nothing is written (the caller's access log says 499)."""
     keep_alive = request.keep_alive and request.content.is_eof()  # a body not read to its end: close
     version = request.version
-    head = _head([heads.line(version, status), b"Content-Type: ", content_type or _OCTETS, b"\r\nContent-Length: ",
-                  str(len(body)).encode(), b"\r\n", extra], version, rid, decision, keep_alive, False)
+    head = _head(heads, [heads.line(version, status), b"Content-Type: ", content_type or _OCTETS,
+                         b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n", extra],
+                 version, rid, decision, keep_alive, False)
     transport = request.transport
     if transport is not None and not transport.is_closing():
         transport.writelines((head, body))

@@ -76,23 +76,19 @@ def from_body(body: bytes) -> Usage | None:
 
 
 def _object_from(body: bytes, start: int) -> bytes | None:
-    """The JSON object opening at ``body[start]``, found by counting braces with bytes.find (a
-    usage object holds numbers, nulls and objects, never a string with a brace). A character-class
-    regex over the same bytes cost 8 µs per answer; this is under 1 µs."""
-    depth, i = 0, start
-    while True:
-        close = body.find(b"}", i)
-        if close < 0:
-            return None
-        opened = body.find(b"{", i, close)
-        if opened >= 0:
+    """The JSON object opening at ``body[start]``, found by counting braces (a usage object holds
+    numbers, nulls and objects, never a string with a brace). Compiled, a byte's index is a C
+    read: this walk costs ~1k instructions where one bytes.find call costs ~500 in argument parsing."""
+    depth = 0
+    for i in range(start, len(body)):
+        c = body[i]
+        if c == 123:  # {
             depth += 1
-            i = opened + 1
-            continue
-        depth -= 1
-        i = close + 1
-        if depth == 0:
-            return body[start:i]
+        elif c == 125:  # }
+            depth -= 1
+            if depth == 0:
+                return body[start : i + 1]
+    return None
 
 
 def estimate_prompt(body: bytes) -> int:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import hashlib
 import itertools
 import logging
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -393,6 +395,22 @@ async def test_forwarding_and_hop_headers_per_request_on_one_connection(cluster:
     assert values(hops, b"forwarded") == [b"for=127.0.0.1;proto=http"]
     assert values(hops, b"x-keep") == [b"2"]
     assert not values(hops, b"x-hop") and not values(hops, b"x-other-hop") and not values(hops, b"connection")
+
+
+async def test_answers_carry_the_current_date(cluster: Cluster) -> None:
+    """A complete answer and a stream each say Date: now, in RFC 9110's IMF-fixdate (GMT)."""
+    p = await cluster.proxy([await cluster.replica()])
+    seen: list[float] = []
+    for stream in (False, False, True, True):  # each kind twice, a second apart: the date moves on
+        before = time.time()
+        status, headers, _ = _final(await _exchange(p.config.listen.port,
+                                                    _post(_chat(stream), b"Connection: close\r\n")))
+        assert status == 200 and headers["date"].endswith(" GMT")
+        when = email.utils.parsedate_to_datetime(headers["date"]).timestamp()
+        assert int(before) <= when <= time.time(), headers["date"]
+        seen.append(when)
+        await asyncio.sleep(1.05)
+    assert seen[0] < seen[1] and seen[2] < seen[3]
 
 
 def test_forwarded_node_quotes_ipv6_and_bounds_the_chain() -> None:

@@ -1041,3 +1041,31 @@ def test_shape_is_not_learnt_from_a_needle_that_is_not_the_deltas_key() -> None:
             out, relay = run(emit, [stream])
             assert out == expected_stream(stream, emit)
             assert (relay._shape is not None) == (relay.rewritten > 0), (frame, emit)
+
+
+def _orjson_round_trips(value: bytes) -> bool:
+    try:
+        return orjson.dumps(orjson.loads(value)) == value
+    except ValueError:
+        return False
+
+
+@settings(max_examples=400)
+@given(st.one_of(
+    st.binary(max_size=24).map(lambda b: b'"' + b + b'"'),
+    st.text(max_size=12).map(lambda t: b'"' + t.encode("utf-8", "surrogatepass") + b'"'),
+    st.text(max_size=12).map(lambda t: json.dumps(t, ensure_ascii=False).encode("utf-8", "surrogatepass")),
+    st.text(max_size=12).map(lambda t: json.dumps(t).encode()),
+    st.binary(max_size=8)))
+def test_canonical_string_agrees_with_orjson_round_trip(value: bytes) -> None:
+    """The splice's check that a value is one JSON string in orjson's own form: its shortcut for
+    values without a quote, a backslash or a control character says what the round trip says."""
+    assert sse_module._canonical_string(value) == (value[:1] == b'"' and _orjson_round_trips(value))
+
+
+def test_canonical_string_cases() -> None:
+    ok = sse_module._canonical_string
+    assert ok(b'"plain"') and ok('"é 漢 \u2028 \x7f"'.encode()) and ok(b'""')
+    assert not ok(b'"\xed\xa0\x80"') and not ok(b'"\xff"')  # a surrogate, not UTF-8
+    assert not ok(b'"a"b"') and not ok(b'"tab\there"') and not ok(b'"\\u00e9"') and not ok(b"null")
+    assert ok(b'"line\\nbreak"') and ok(b'"q\\"uote"')  # orjson's own escapes

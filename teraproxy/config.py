@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from teraproxy.sse import EMITS, MAX_EVENT
+from teraproxy.reasoning import EMITS
+from teraproxy.sse import MAX_EVENT
 
 POLICIES = ("least", "affinity")
 PRIORITIES = ("high", "normal", "low")

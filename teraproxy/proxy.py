@@ -27,7 +27,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from teraproxy import client, edge, relay, reply, sse, usage
+from teraproxy import client, edge, reasoning, relay, reply, usage
 from teraproxy.balance import RetryBudget, pick
 from teraproxy.breaker import DENIED
 from teraproxy.config import KeyConfig
@@ -290,7 +290,8 @@ class Proxy:
         chat = required == "messages"
         quota = ctx.snap.limits
         limits = quota.limits_of(key) if quota is not None else None
-        rewrite = chat and pool.reasoning_in and sse.needs_request_rewrite(body) and sse.add_request_reasoning(payload)
+        rewrite = (chat and pool.reasoning_in and reasoning.needs_request_rewrite(body)
+                   and reasoning.add_request_reasoning(payload))
         if stream and path != "/v1/audio/speech":
             if usage.client_wants_usage(payload):
                 ctx.tap_strip = False
@@ -480,7 +481,7 @@ class Proxy:
                 data = await self._read(ex, replica, ctx.snap.config.limits.max_response)
                 ctx.usage = usage.from_body(data)
                 if chat and pool.emit != "passthrough":
-                    data = sse.rewrite_message_body(data, pool.emit)
+                    data = reasoning.rewrite_message_body(data, pool.emit)
                 ctx.ttfb = time.monotonic() - ctx.t0
                 return self._complete(request, ctx, ex, status, data)
             if mode == "sse" and (ex.header(b"content-type") or b"").startswith(b"text/event-stream"):

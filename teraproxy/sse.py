@@ -1,16 +1,11 @@
-"""Sans-io SSE framing and reasoning-field aliasing for OpenAI chat completions.
+"""Sans-io SSE framing for OpenAI chat completion streams, with the reasoning fields' rule applied.
 
 Job: replicas stream chat completions as SSE, one ``data: {json}`` frame per
-token, naming the reasoning text ``reasoning_content`` (vLLM <= 0.11, SGLang),
-``reasoning`` (vLLM >= 0.16) or both (transition releases); a lone null value
-is no reasoning and is left as it is.  :class:`SSERelay`
-sits between upstream and client (feed it upstream bytes, write what it
-returns) and rewrites ``choices[].delta`` per ``emit``: ``both`` mirrors the
-present key to the other (alias right after it), ``reasoning`` /
-``reasoning_content`` keep only that name (renamed in place; of two, the other
-is dropped), ``passthrough`` touches nothing.  :func:`rewrite_message_body`
-does the same to a non-streamed body's ``choices[].message``;
-:func:`add_request_reasoning` and :func:`needs_request_rewrite` serve requests.
+token.  :class:`SSERelay` sits between upstream and client (feed it upstream
+bytes, write what it returns) and applies the rule of :mod:`teraproxy.reasoning`
+(``emit``: both names, one of them, or passthrough) to each frame's
+``choices[].delta``; it also gives a replica's in-stream error event a string
+code.
 
 Framing, as browsers parse SSE: lines end in LF, CRLF or CR (CR LF is always one
 CRLF); a frame is everything up to and including its first blank line (so a
@@ -45,7 +40,7 @@ Invariants:
 * A rewritten frame's bytes are orjson.dumps of the rewritten object, however
   they were made: after the first rewritten chunk of a stream, chunks of the
   same shape (the same bytes around the reasoning value, proven once by
-  ``_learn``) are spliced around their value instead of parsed, when the value
+  ``learn``) are spliced around their value instead of parsed, when the value
   is orjson's own bytes for a string (vLLM's are); any other goes by the parse.
 * Fast path: once started with nothing held back, a chunk that ends on a frame
   boundary is returned as the same object after a few C-level scans, no
@@ -67,20 +62,16 @@ Invariants:
 from __future__ import annotations
 
 import re
-from typing import Any, Final
+from typing import Final
 
 import orjson
 
-__all__ = ["EMITS", "SSERelay", "add_request_reasoning", "needs_request_rewrite", "rewrite_message_body"]
+from teraproxy.reasoning import NEEDLE, PASSTHROUGH, Shape, canonical_string, learn, mode_of, rewrite_json
 
-EMITS: Final = ("both", "reasoning", "reasoning_content", "passthrough")
-_BOTH: Final = 0  # modes are indexes into EMITS
-_REASONING: Final = 1
-_REASONING_CONTENT: Final = 2
-_PASSTHROUGH: Final = 3
+__all__ = ["MAX_EVENT", "SSERelay"]
+
 MAX_EVENT: Final = 1024 * 1024  # default bound on one SSE frame (config: limits.max_event)
 
-_NEEDLE: Final = b'"reasoning'
 _ERROR: Final = b'{"error"'  # an error event's JSON starts with it
 _ERROR_LINE: Final = b'data: {"error"'
 _ERROR_AFTER_LF: Final = b'\ndata: {"error"'  # such a line after the first, where no CR ends lines
@@ -97,78 +88,6 @@ _EOL_RE: Final = re.compile(rb"[\r\n]")
 _find: Final = bytes.find
 _rfind: Final = bytes.rfind
 
-
-def _mode_of(emit: str) -> int:
-    try:
-        return EMITS.index(emit)
-    except ValueError:
-        raise ValueError(f"emit must be one of {EMITS}, got {emit!r}") from None
-
-
-# --------------------------------------------------------------------------
-# field rewrite
-
-
-def _alias(d: dict[str, Any], mode: int) -> bool:
-    """Apply the rewrite rule to a delta/message dict in place; True if changed. A lone null
-    value is no reasoning at all (vLLM sends ``"reasoning": null`` even without a parser): left as is."""
-    if "reasoning" in d:
-        if "reasoning_content" in d:  # both keys
-            if mode == _BOTH:
-                return False
-            del d["reasoning_content" if mode == _REASONING else "reasoning"]
-            return True
-        if mode == _REASONING:
-            return False
-        have, other = "reasoning", "reasoning_content"
-    elif "reasoning_content" in d:
-        if mode == _REASONING_CONTENT:
-            return False
-        have, other = "reasoning_content", "reasoning"
-    else:
-        return False
-    if d[have] is None:
-        return False
-    if len(d) == 1 or next(reversed(d)) == have:  # the key is last: no reordering
-        d[other] = d[have] if mode == _BOTH else d.pop(have)
-        return True
-    items = list(d.items())  # rebuild, keeping the key order
-    d.clear()
-    for k, v in items:
-        if k == have:
-            if mode == _BOTH:
-                d[k] = v
-            d[other] = v
-        else:
-            d[k] = v
-    return True
-
-
-def _rewrite_json(payload: bytes, field: str, mode: int) -> bytes | None:
-    """payload with the rule applied to each choices[i][field]; None if unchanged.
-
-    Raises ValueError when payload is not JSON or cannot be re-serialised.
-    """
-    obj = orjson.loads(payload)
-    try:
-        choices = obj["choices"]
-    except (KeyError, TypeError, IndexError):
-        return None
-    changed = False
-    if type(choices) is list:
-        for choice in choices:
-            try:
-                sub = choice[field]
-            except (KeyError, TypeError, IndexError):
-                continue
-            if type(sub) is dict and _alias(sub, mode):
-                changed = True
-    if not changed:
-        return None
-    try:
-        return orjson.dumps(obj)
-    except TypeError as exc:  # orjson.JSONEncodeError, e.g. nesting too deep
-        raise ValueError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------
@@ -306,13 +225,13 @@ class SSERelay:
     rewritten: int
 
     def __init__(self, emit: str, max_event: int = MAX_EVENT) -> None:
-        self._mode = _mode_of(emit)
-        self._pass = self._mode == _PASSTHROUGH
+        self._mode = mode_of(emit)
+        self._pass = self._mode == PASSTHROUGH
         self._fast = False  # started and nothing held back: the fast paths apply
         self._held = bytearray()  # before the start: all bytes so far; after: the one incomplete frame
         self._scanned = 0  # before the start: _held[:_scanned] are complete frames without data
         self._tail = b""  # the last returned region that holds an event with data
-        self._shape: _Shape | None = None  # the stream's reasoning chunk: from the last parsed one that had one
+        self._shape: Shape | None = None  # the stream's reasoning chunk: from the last parsed one that had one
         self.max_event = max_event
         self.started = False
         self.oversize = False
@@ -348,7 +267,7 @@ class SSERelay:
                 self._note(data)
                 return data
             self._tail = data
-            if _rfind(data, _NEEDLE) < 0:
+            if _rfind(data, NEEDLE) < 0:
                 return data if data[8] != 101 else _fix_errors(data)  # 101: the e of data: {"error"
             new = self._new_json(data[6:n] if data[5] == 32 else data[5:n])
             if new is None:
@@ -360,7 +279,7 @@ class SSERelay:
                 self._tail = data
             else:
                 self._note(data)
-            last = _rfind(data, _NEEDLE)
+            last = _rfind(data, NEEDLE)
             if last < 0:
                 return _lf_errors_fixed(data)
             return _errors_fixed(self._rewrite_region(data, True, last))
@@ -447,7 +366,7 @@ class SSERelay:
             if not _has_data(region, 0, len(region)):
                 return b""
             self.started = True
-        if self._mode != _PASSTHROUGH and (last := region.rfind(_NEEDLE)) >= 0:
+        if self._mode != PASSTHROUGH and (last := region.rfind(NEEDLE)) >= 0:
             # the one-line LF fast lane needs no CR anywhere and no empty frame first (memchr, index)
             region = self._rewrite_region(region, region[0] != 10 and 13 not in region, last)
         region = _errors_fixed(region)
@@ -464,11 +383,11 @@ class SSERelay:
         last needle is (the search for the next one stops there, not at the end of region)."""
         pieces: list[bytes] = []
         done = 0
-        stop = last + len(_NEEDLE)
+        stop = last + len(NEEDLE)
         shape = None
         line = suffix = line_head = middle = tail = b""
         nl = ns = 0
-        pos = region.find(_NEEDLE, 0, stop)
+        pos = region.find(NEEDLE, 0, stop)
         while pos >= 0:
             k = region.find(10, done) if lf_only else -1
             if shape is not self._shape:  # (learnt by _new_json)
@@ -484,11 +403,11 @@ class SSERelay:
                 if shape is not None and region[done : done + nl] == line and region[k - ns : k] == suffix:
                     # a frame of the learnt shape (see _new_json): its value spliced in, if canonical
                     value = region[done + nl : k - ns]
-                    if _canonical_string(value):
+                    if canonical_string(value):
                         pieces += (line_head, value, middle, value, tail) if middle else (line_head, value, tail)
                         self.rewritten += 1
                         done = end
-                        pos = region.find(_NEEDLE, end, stop)
+                        pos = region.find(NEEDLE, end, stop)
                         continue
                 if region.startswith(b"data:", done):
                     new = self._new_json(region[done + 6 if region[done + 5] == 32 else done + 5 : k])
@@ -513,7 +432,7 @@ class SSERelay:
                         pieces.append(region[done:start])
                     pieces.append(new)
                     done = end
-            pos = region.find(_NEEDLE, end, stop)
+            pos = region.find(NEEDLE, end, stop)
         if not pieces:
             return region
         if done < len(region):
@@ -532,7 +451,7 @@ class SSERelay:
         lines: list[tuple[bytes, bytes]] = _LINE_RE.findall(frame)
         values = [v for v in (_data_value(c) for c, _ in lines) if v is not None]
         payload = b"\n".join(values)
-        if payload.find(_NEEDLE) < 0:
+        if payload.find(NEEDLE) < 0:
             return None
         new = self._new_json(payload)
         if new is None:
@@ -556,100 +475,18 @@ class SSERelay:
             # A chunk of the learnt shape: only its string value is new. Splicing that value in gives
             # the bytes orjson.dumps would give for the rewritten object, without a parse of the rest.
             value = payload[shape.at : len(payload) - len(shape.suffix)]
-            if _canonical_string(value):
+            if canonical_string(value):
                 self.rewritten += 1
                 return shape.splice(value)
         try:
-            new = _rewrite_json(payload, "delta", self._mode)
+            new = rewrite_json(payload, "delta", self._mode)
         except ValueError:  # incl. orjson.JSONDecodeError
             self.bad_frames += 1
             return None
         if new is not None:
             self.rewritten += 1
-            self._shape = _learn(payload, new, self._mode) or shape  # this chunk's shape, if it has one
+            self._shape = learn(payload, new, self._mode) or shape  # this chunk's shape, if it has one
         return new
-
-
-def _canonical_string(value: bytes) -> bool:
-    """value is one complete JSON string in orjson's own bytes (the quote first: not null, not a
-    number; a quote inside or a foreign escape fails the round trip). orjson escapes only a quote,
-    a backslash and a control character: a value without them is its own form when it is UTF-8, so
-    only a value with one pays for the round trip (a compiled walk of a token's bytes is ~100
-    instructions, the round trip ~2,700)."""
-    n = len(value)
-    if n < 2 or value[0] != 34 or value[n - 1] != 34:
-        return False
-    ascii_only = True
-    for i in range(1, n - 1):
-        c = value[i]
-        if c < 32 or c == 34 or c == 92:
-            return _round_trips(value)
-        if c > 127:
-            ascii_only = False
-    if ascii_only:
-        return True
-    try:
-        value.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _round_trips(value: bytes) -> bool:
-    try:
-        return orjson.dumps(orjson.loads(value)) == value
-    except ValueError:
-        return False
-
-
-class _Shape:
-    """A stream's reasoning chunk as learnt by _learn: ``lead`` (the prefix and ``"K":``) + a string
-    value + ``suffix``; its rewrite is ``head`` + value [+ ``middle`` + value, for emit both] +
-    suffix. ``line``: such a frame's line up to its value (``data: `` + lead)."""
-
-    __slots__ = ("at", "head", "lead", "line", "line_head", "middle", "suffix", "tail")
-
-    def __init__(self, prefix: bytes, have: bytes, suffix: bytes, mode: int) -> None:
-        other = b'"reasoning":' if have == b'"reasoning_content":' else b'"reasoning_content":'
-        self.lead, self.suffix = prefix + have, suffix  # a chunk of the shape starts with lead, ends with suffix
-        self.head, self.middle = (self.lead, b"," + other) if mode == _BOTH else (prefix + other, b"")
-        self.at = len(self.lead)  # the value's first byte (its opening quote)
-        self.line, self.line_head, self.tail = b"data: " + self.lead, b"data: " + self.head, suffix + b"\n\n"
-
-    def splice(self, value: bytes) -> bytes:
-        if self.middle:
-            return b"".join((self.head, value, self.middle, value, self.suffix))
-        return self.head + value + self.suffix
-
-
-def _learn(payload: bytes, new: bytes, mode: int) -> _Shape | None:
-    """The shape of a stream's reasoning chunks, from one that the parse just rewrote to ``new``:
-    payload is the prefix, ``"K":`` and a string value, and the suffix, where the stream's other
-    chunks have the same prefix (id, created, model, index) and suffix and only the value changes.
-    None unless that is proven from this chunk.
-
-    Proof, without a parse: payload holds the needle once, at ``"K":"``, and the splice of its
-    value into the rewritten members gives exactly ``new``, orjson's serialisation of the rewritten
-    object, which orjson composes member by member. So payload, the same less the added member
-    (or with K's name back), is orjson's serialisation of its object, and its bytes at the needle
-    are the one reasoning member of a delta: another chunk with the same prefix and suffix and a
-    string value in orjson's bytes (checked per chunk) is that object with only the value changed,
-    and its splice equals orjson.dumps of its rewritten object.
-    """
-    i = payload.find(_NEEDLE)
-    if payload.rfind(_NEEDLE) != i:
-        return None
-    for key in (b'"reasoning_content":"', b'"reasoning":"'):
-        if payload.startswith(key, i):
-            break
-    else:
-        return None
-    at = i + len(key) - 1  # the value's opening quote
-    end = payload.find(34, at + 1)
-    if end < 0 or payload.find(92, at, end) >= 0:  # an escape: not learnt from this chunk
-        return None
-    shape = _Shape(payload[:i], key[:-1], payload[end + 1 :], mode)
-    return shape if shape.splice(payload[at : end + 1]) == new else None
 
 
 def _errors_fixed(region: bytes) -> bytes:
@@ -701,62 +538,3 @@ def _string_code(value: bytes) -> bytes | None:
     code = err.get("code")
     err["code"] = str(code) if type(code) is int else "upstream_error"
     return orjson.dumps(doc)
-
-
-# --------------------------------------------------------------------------
-# non-streamed responses and requests
-
-
-def rewrite_message_body(body: bytes, emit: str) -> bytes:
-    """Apply the rule to choices[].message of a non-streamed response body.
-
-    Returns the same object ``body`` when nothing changes (passthrough, no
-    reasoning key, not valid JSON, ...).
-    """
-    mode = _mode_of(emit)
-    if mode == _PASSTHROUGH or _only_null_reasoning(body, body.rfind(_NEEDLE)):
-        return body
-    try:
-        new = _rewrite_json(body, "message", mode)
-    except ValueError:
-        return body
-    return body if new is None else new
-
-
-_NULLS: Final = (b'"reasoning":null', b'"reasoning_content":null', b'"reasoning": null', b'"reasoning_content": null')
-
-
-def _only_null_reasoning(body: bytes, pos: int) -> bool:
-    """Every reasoning key in body has a null value (vLLM's answer without reasoning), or there is
-    none: nothing to rewrite, known without a parse. pos: the last needle (or -1); the search goes
-    back from needle to needle and stops at the first that is not a null pattern (one scan at most;
-    a needle inside a string only makes this False)."""
-    while pos >= 0:
-        if not body.startswith(_NULLS, pos):
-            return False
-        pos = body.rfind(_NEEDLE, 0, pos)
-    return True
-
-
-def add_request_reasoning(payload: dict[str, Any]) -> bool:
-    """Copy assistant messages' "reasoning_content" string to "reasoning".
-
-    Only where "reasoning" is absent; mutates payload in place and returns True
-    if anything changed.  Tolerates malformed "messages".
-    """
-    messages = payload.get("messages") if isinstance(payload, dict) else None
-    if not isinstance(messages, list):
-        return False
-    changed = False
-    for msg in messages:
-        if isinstance(msg, dict) and msg.get("role") == "assistant" and "reasoning" not in msg:
-            text = msg.get("reasoning_content")
-            if isinstance(text, str):
-                msg["reasoning"] = text
-                changed = True
-    return changed
-
-
-def needs_request_rewrite(body: bytes) -> bool:
-    """Cheap pre-check: False when the request body cannot need add_request_reasoning."""
-    return body.find(b'"reasoning_content"') >= 0

@@ -1,4 +1,4 @@
-"""Tests for teraproxy.sse (pure: no sockets, no event loop)."""
+"""Tests for teraproxy.sse and the rule it applies, teraproxy.reasoning (pure: no sockets, no event loop)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from teraproxy import reasoning
 from teraproxy import sse as sse_module
-from teraproxy.sse import (
-    EMITS,
-    SSERelay,
-    add_request_reasoning,
-    needs_request_rewrite,
-    rewrite_message_body,
-)
+from teraproxy.reasoning import EMITS, add_request_reasoning, needs_request_rewrite, rewrite_message_body
+from teraproxy.sse import SSERelay
 
 R, RC = "reasoning", "reasoning_content"
 REWRITE_EMITS = ("both", "reasoning", "reasoning_content")
@@ -745,7 +741,7 @@ def test_null_reasoning_is_not_aliased_nor_parsed(monkeypatch: pytest.MonkeyPatc
     def no_parse(*a: Any) -> Any:
         raise AssertionError("parsed")
 
-    monkeypatch.setattr(orjson, "loads", no_parse)  # the module's attribute: sse calls it compiled or not
+    monkeypatch.setattr(orjson, "loads", no_parse)  # the module's attribute: reasoning calls it compiled or not
     for emit in EMITS:
         assert rewrite_message_body(body, emit) is body
         assert rewrite_message_body(spaced_body, emit) is spaced_body
@@ -1060,11 +1056,11 @@ def _orjson_round_trips(value: bytes) -> bool:
 def test_canonical_string_agrees_with_orjson_round_trip(value: bytes) -> None:
     """The splice's check that a value is one JSON string in orjson's own form: its shortcut for
     values without a quote, a backslash or a control character says what the round trip says."""
-    assert sse_module._canonical_string(value) == (value[:1] == b'"' and _orjson_round_trips(value))
+    assert reasoning.canonical_string(value) == (value[:1] == b'"' and _orjson_round_trips(value))
 
 
 def test_canonical_string_cases() -> None:
-    ok = sse_module._canonical_string
+    ok = reasoning.canonical_string
     assert ok(b'"plain"') and ok('"é 漢 \u2028 \x7f"'.encode()) and ok(b'""')
     assert not ok(b'"\xed\xa0\x80"') and not ok(b'"\xff"')  # a surrogate, not UTF-8
     assert not ok(b'"a"b"') and not ok(b'"tab\there"') and not ok(b'"\\u00e9"') and not ok(b"null")

@@ -253,18 +253,23 @@ def test_refuses_pure_python_http_parser(tmp_path: Path) -> None:
     assert r.returncode == 2 and "pure-Python HTTP parser" in r.stderr and "Traceback" not in r.stderr
 
 
-def _free_pair() -> int:
-    """A port p with p and p + 1 both free now (free_port alone may give one whose neighbour is some
-    connection's ephemeral port)."""
+def _free_demo_port() -> int:
+    """A port p with the demo's ports all free now: p, its admin port p + 1 and its replicas' p + 11
+    and p + 12 (free_port alone may give one whose neighbour is some connection's ephemeral port)."""
     for _ in range(100):
         port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise AssertionError("no two adjacent free ports on 127.0.0.1")
+        if all(_bindable(port + k) for k in (1, 11, 12)):
+            return port
+    raise AssertionError("no free port p with p + 1, p + 11 and p + 12 free on 127.0.0.1")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def test_demo_answers_its_own_curl_line_and_the_sdk(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -272,7 +277,7 @@ def test_demo_answers_its_own_curl_line_and_the_sdk(procs: list[subprocess.Popen
 
     from openai import OpenAI
 
-    port = _free_pair()  # the demo's admin port is port + 1
+    port = _free_demo_port()
     p = subprocess.Popen([sys.executable, "-m", "teraproxy", "demo", "--port", str(port)], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     procs.append(p)

@@ -13,10 +13,25 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 
+from teraproxy.confvalues import (
+    Reader,
+    at_least,
+    boolean,
+    choice,
+    fraction,
+    number,
+    parse_duration,
+    parse_size,
+    positive,
+    redis_url,
+    replica_url,
+    section,
+    sha256_hex,
+    url_path,
+)
 from teraproxy.reasoning import EMITS
 from teraproxy.sse import MAX_EVENT
 
@@ -199,39 +214,6 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.I)
-_SIZE_MULT = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2,
-              "mib": 1024**2, "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
-
-
-def parse_duration(v: Any) -> float:
-    """Seconds as a number, or a string like ``250ms``, ``5s``, ``2m``, ``1h``."""
-    if isinstance(v, bool):
-        raise ValueError("not a duration")
-    if isinstance(v, (int, float)):
-        if v < 0:
-            raise ValueError("must not be negative")
-        return float(v)
-    m = _DURATION.match(str(v))
-    if not m:
-        raise ValueError(f"not a duration (use seconds or e.g. 250ms, 5s, 2m): {v!r}")
-    return float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2) or "s"]
-
-
-def parse_size(v: Any) -> int:
-    if isinstance(v, bool):
-        raise ValueError("not a size")
-    if isinstance(v, int):
-        if v < 0:
-            raise ValueError("must not be negative")
-        return v
-    m = _SIZE.match(str(v))
-    if not m:
-        raise ValueError(f"not a size (use bytes or e.g. 512KiB, 8MiB): {v!r}")
-    return int(m.group(1)) * _SIZE_MULT[(m.group(2) or "").lower()]
-
-
 def parse_listen(v: Any) -> Listen:
     if not isinstance(v, str) or ":" not in v:
         raise ValueError("must be host:port")
@@ -242,116 +224,10 @@ def parse_listen(v: Any) -> Listen:
     return Listen(host, int(port_s))
 
 
-class _Reader:
-    """Walks a raw YAML tree, collecting every problem with its key path.
-
-    ``warnings``: where problems of the environment rather than of the file go (an unset
-    ``api_key_env`` variable) when only the file is being checked; None makes them errors."""
-
-    def __init__(self, warnings: list[str] | None = None) -> None:
-        self.problems: list[str] = []
-        self.warnings = warnings
-
-    def fail(self, path: str, msg: str) -> None:
-        self.problems.append(f"{path}: {msg}")
-
-    def fail_env(self, path: str, msg: str) -> None:
-        if self.warnings is None:
-            self.fail(path, msg)
-        else:
-            self.warnings.append(f"{path}: {msg}")
-
-    def mapping(self, raw: Any, path: str, allowed: set[str]) -> dict[str, Any]:
-        if raw is None:
-            return {}
-        if not isinstance(raw, dict):
-            self.fail(path, "must be a mapping")
-            return {}
-        for k in raw:
-            if k not in allowed:
-                where = f"{path}.{k}" if path else str(k)
-                self.fail(where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
-        return raw
-
-    def get(self, d: dict[str, Any], key: str, path: str, conv: Any, default: Any) -> Any:
-        if key not in d or d[key] is None:
-            return default
-        try:
-            return conv(d[key])
-        except (ValueError, TypeError) as e:
-            self.fail(f"{path}.{key}" if path else key, str(e))
-            return default
-
-
-def _int(lo: int) -> Any:
-    def conv(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"must be an integer >= {lo}")
-        return v
-    return conv
-
-
-def _number(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError("must be a number")
-    return float(v)
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError("must be true or false")
-    return v
-
-
-def _choice(options: tuple[str, ...]) -> Any:
-    def conv(v: Any) -> str:
-        if v not in options:
-            raise ValueError(f"must be one of {', '.join(options)}")
-        return str(v)
-    return conv
-
-
-def _positive(conv: Any) -> Any:
-    def wrapped(v: Any) -> Any:
-        out = conv(v)
-        if out <= 0:
-            raise ValueError("must be greater than zero")
-        return out
-    return wrapped
-
-
-def _url(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError("not an http(s) URL")
-    u = urlsplit(v)
-    if u.scheme not in ("http", "https") or not u.hostname:
-        raise ValueError("not an http(s) URL")
-    if u.path.rstrip("/") or u.query or u.fragment:
-        raise ValueError("must be scheme://host:port only (teraproxy adds the /v1/... path)")
-    try:
-        port = u.port
-    except ValueError:
-        raise ValueError("not an http(s) URL (bad port)") from None
-    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
-    return f"{u.scheme}://{host}:{port or (443 if u.scheme == 'https' else 80)}"
-
-
-def _sha256(v: Any) -> bytes:
-    if not isinstance(v, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", v):
-        raise ValueError("must be the 64-digit hex sha256 of the bearer token")
-    return bytes.fromhex(v)
-
-
-def _section(r: _Reader, raw: dict[str, Any], name: str, cls: Any, convs: dict[str, Any]) -> Any:
-    d = r.mapping(raw.get(name), name, set(convs))
-    defaults = cls()
-    return cls(**{k: r.get(d, k, name, c, getattr(defaults, k)) for k, c in convs.items()})
-
-
 _KEY_FIELDS = {"name", "sha256", "models", "priority", "requests_per_minute", "tokens_per_minute", "max_in_flight"}
 
 
-def _auth(r: _Reader, raw: dict[str, Any], base: Path | None) -> AuthConfig:
+def _auth(r: Reader, raw: dict[str, Any], base: Path | None) -> AuthConfig:
     if "auth" not in raw:
         r.fail("auth", "missing: write `auth: off` for open access, or list keys")
         return AuthConfig(enabled=False)
@@ -391,7 +267,7 @@ def _auth(r: _Reader, raw: dict[str, Any], base: Path | None) -> AuthConfig:
     return AuthConfig(enabled=True, keys=tuple(keys), keys_file=keys_file)
 
 
-def _keys_file(r: _Reader, path: str) -> list[tuple[str, Any]]:
+def _keys_file(r: Reader, path: str) -> list[tuple[str, Any]]:
     """The entries of a keys file: a list of keys, or a mapping with `keys:`; problems name the file."""
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -411,13 +287,13 @@ def _keys_file(r: _Reader, path: str) -> list[tuple[str, Any]]:
     return [(f"{path}: keys[{i}]", k) for i, k in enumerate(raw)]
 
 
-def _key(r: _Reader, k: Any, p: str) -> KeyConfig | None:
+def _key(r: Reader, k: Any, p: str) -> KeyConfig | None:
     kd = r.mapping(k, p, _KEY_FIELDS)
     name = kd.get("name")
     if not isinstance(name, str) or not name or not name.isprintable():
         r.fail(f"{p}.name", "must be a non-empty string")
         name = "?"
-    digest = r.get(kd, "sha256", p, _sha256, None)
+    digest = r.get(kd, "sha256", p, sha256_hex, None)
     if "sha256" not in kd:
         r.fail(f"{p}.sha256", "missing")
     models = kd.get("models")
@@ -426,14 +302,14 @@ def _key(r: _Reader, k: Any, p: str) -> KeyConfig | None:
         models = None
     exact = frozenset(m for m in models if not _is_glob(m)) if models is not None else None
     globs = [m for m in models or () if _is_glob(m)]
-    pos = _int(1)
+    pos = at_least(1)
     rpm = r.get(kd, "requests_per_minute", p, pos, None)
     tpm = r.get(kd, "tokens_per_minute", p, pos, None)
     cap = r.get(kd, "max_in_flight", p, pos, None)
     if digest is None:
         return None
     pattern = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs)) if globs else None
-    return KeyConfig(name, digest, exact, priority=r.get(kd, "priority", p, _choice(PRIORITIES), "normal"),
+    return KeyConfig(name, digest, exact, priority=r.get(kd, "priority", p, choice(PRIORITIES), "normal"),
                      model_globs=pattern, requests_per_minute=rpm, tokens_per_minute=tpm, max_in_flight=cap)
 
 
@@ -441,15 +317,15 @@ def _is_glob(model: str) -> bool:
     return any(c in model for c in "*?[")
 
 
-def _ratelimit(r: _Reader, raw: dict[str, Any]) -> RateLimitConfig:
-    convs = {"backend": _choice(("memory", "redis")), "redis_url": _redis_url,
-             "on_backend_error": _choice(("allow", "deny")), "redis_timeout": _positive(parse_duration),
-             "lease_ttl": _positive(parse_duration), "meter_streams": _bool}
+def _ratelimit(r: Reader, raw: dict[str, Any]) -> RateLimitConfig:
+    convs = {"backend": choice(("memory", "redis")), "redis_url": redis_url,
+             "on_backend_error": choice(("allow", "deny")), "redis_timeout": positive(parse_duration),
+             "lease_ttl": positive(parse_duration), "meter_streams": boolean}
     d = r.mapping(raw.get("ratelimit"), "ratelimit", set(convs) | {"anonymous"})
     if "anonymous" in d:
         r.fail("ratelimit.anonymous", "not supported: limits are per API key; list keys under `auth.keys` "
                                       "(per-IP limits belong in the load balancer in front)")
-    cfg: RateLimitConfig = _section(r, {"ratelimit": {k: v for k, v in d.items() if k in convs}}, "ratelimit",
+    cfg: RateLimitConfig = section(r, {"ratelimit": {k: v for k, v in d.items() if k in convs}}, "ratelimit",
                                     RateLimitConfig, convs)
     if cfg.backend == "redis" and cfg.redis_url is None:
         r.fail("ratelimit.redis_url", "missing: backend redis needs e.g. redis://127.0.0.1:6379/0")
@@ -458,19 +334,13 @@ def _ratelimit(r: _Reader, raw: dict[str, Any]) -> RateLimitConfig:
     return cfg
 
 
-def _redis_url(v: Any) -> str:
-    if not isinstance(v, str) or urlsplit(v).scheme not in ("redis", "rediss", "unix") or "://" not in v:
-        raise ValueError("must be a redis://, rediss:// or unix:// URL")
-    return v
-
-
-def _replica(r: _Reader, raw: Any, p: str) -> ReplicaConfig | None:
+def _replica(r: Reader, raw: Any, p: str) -> ReplicaConfig | None:
     d = r.mapping(raw, p, {"url", "weight", "api_key", "api_key_env", "max_in_flight", "ca", "verify"})
     if "url" not in d:
         r.fail(f"{p}.url", "missing")
         return None
-    url = r.get(d, "url", p, _url, None)
-    weight = r.get(d, "weight", p, _positive(_number), 1.0)
+    url = r.get(d, "url", p, replica_url, None)
+    weight = r.get(d, "weight", p, positive(number), 1.0)
     api_key = d.get("api_key")
     if api_key is not None and not isinstance(api_key, str):
         r.fail(f"{p}.api_key", "must be a string")
@@ -490,12 +360,12 @@ def _replica(r: _Reader, raw: Any, p: str) -> ReplicaConfig | None:
             r.fail(f"{p}.api_key_env", f"environment variable {env!r}: {_HEADER_SAFE}")
         else:
             api_key = os.environ[env]
-    cap = r.get(d, "max_in_flight", p, _int(1), None)
+    cap = r.get(d, "max_in_flight", p, at_least(1), None)
     ca = d.get("ca")
     if ca is not None and (not isinstance(ca, str) or not os.access(ca, os.R_OK)):
         r.fail(f"{p}.ca", f"cannot read {ca!r} (a PEM file of CA certificates)")
         ca = None
-    verify = r.get(d, "verify", p, _bool, True)
+    verify = r.get(d, "verify", p, boolean, True)
     return ReplicaConfig(url, weight, api_key, cap, ca, verify) if url else None
 
 
@@ -509,7 +379,7 @@ def _header_safe(v: str) -> bool:
     return bool(v) and v.isascii() and v.isprintable() and v == v.strip()
 
 
-def _models(r: _Reader, raw: dict[str, Any], default_emit: str) -> tuple[ModelConfig, ...]:
+def _models(r: Reader, raw: dict[str, Any], default_emit: str) -> tuple[ModelConfig, ...]:
     ms = raw.get("models")
     if not isinstance(ms, list) or not ms:
         r.fail("models", "must be a non-empty list")
@@ -541,13 +411,13 @@ def _models(r: _Reader, raw: dict[str, Any], default_emit: str) -> tuple[ModelCo
             id=mid,
             replicas=tuple(x for x in reps if x),
             reasoning=emit,
-            reasoning_in=r.get(d, "reasoning_in", p, _bool, True),
-            policy=r.get(d, "policy", p, _choice(POLICIES), "least"),
+            reasoning_in=r.get(d, "reasoning_in", p, boolean, True),
+            policy=r.get(d, "policy", p, choice(POLICIES), "least"),
         ))
     return tuple(out)
 
 
-def _same_server(r: _Reader, first_seen: dict[str, tuple[str, ReplicaConfig]],
+def _same_server(r: Reader, first_seen: dict[str, tuple[str, ReplicaConfig]],
                  reps: list[ReplicaConfig | None], p: str) -> None:
     """A URL listed under several models is one server (one replica object, one breaker): it has
     one key and one share of traffic, so every listing must agree on api_key and weight."""
@@ -566,14 +436,14 @@ def _reasoning_emit(v: Any) -> str:
         if set(v) - {"emit"}:
             raise ValueError("unknown key (allowed: emit)")
         v = v.get("emit")
-    return str(_choice(EMITS)(v))
+    return str(choice(EMITS)(v))
 
 
 def parse_config(raw: Any, warnings: list[str] | None = None, base: Path | None = None) -> Config:
     """Validate a raw YAML tree. With ``warnings`` (``teraproxy check``), problems of this machine's
     environment rather than of the file are appended there instead of failing. ``base``: the directory
     relative paths in the config (auth.keys_file) are taken from."""
-    r = _Reader(warnings)
+    r = Reader(warnings)
     top = {"listen", "admin_listen", "auth", "models", "limits", "timeouts", "upstream",
            "health", "breaker", "retry", "log", "reasoning", "load", "queue", "ratelimit", "shutdown",
            "listen_reuse_port", "tls"}
@@ -587,7 +457,7 @@ def parse_config(raw: Any, warnings: list[str] | None = None, base: Path | None 
     if admin is not None and admin == listen:
         r.fail("admin_listen", "must differ from listen (metrics and admin never share the API port)")
     emit = r.get(raw, "reasoning", "", _reasoning_emit, "both")
-    dur, pdur, pint = parse_duration, _positive(parse_duration), _int(1)
+    dur, pdur, pint = parse_duration, positive(parse_duration), at_least(1)
     auth = _auth(r, raw, base)
     cfg = Config(
         listen=listen,
@@ -596,28 +466,28 @@ def parse_config(raw: Any, warnings: list[str] | None = None, base: Path | None 
         ratelimit=_ratelimit(r, raw),
         models=_models(r, raw, emit),
         reasoning=emit,
-        limits=_section(r, raw, "limits", Limits,
-                        {"max_body": _positive(parse_size), "body_read": pdur,
-                         "max_response": _positive(parse_size),
-                         "max_event": _positive(parse_size)}),
-        timeouts=_section(r, raw, "timeouts", Timeouts,
+        limits=section(r, raw, "limits", Limits,
+                        {"max_body": positive(parse_size), "body_read": pdur,
+                         "max_response": positive(parse_size),
+                         "max_event": positive(parse_size)}),
+        timeouts=section(r, raw, "timeouts", Timeouts,
                           {"connect": pdur, "headers": pdur, "idle": pdur, "keepalive": pdur,
                            "client_stall": pdur, "first_event_keepalive": dur}),
-        upstream=_section(r, raw, "upstream", UpstreamPool, {"max_connections": pint, "keepalive": pdur}),
-        health=_section(r, raw, "health", HealthConfig, {
-            "enabled": _bool, "path": _path, "interval": pdur, "timeout": pdur, "fall": pint,
-            "rise": pint, "check_models": _bool, "warmup": _bool, "slow_start": dur}),
-        breaker=_section(r, raw, "breaker", BreakerConfig,
+        upstream=section(r, raw, "upstream", UpstreamPool, {"max_connections": pint, "keepalive": pdur}),
+        health=section(r, raw, "health", HealthConfig, {
+            "enabled": boolean, "path": url_path, "interval": pdur, "timeout": pdur, "fall": pint,
+            "rise": pint, "check_models": boolean, "warmup": boolean, "slow_start": dur}),
+        breaker=section(r, raw, "breaker", BreakerConfig,
                          {"failures": pint, "open": pdur, "max_open": pdur, "trial_wait": dur}),
-        retry=_section(r, raw, "retry", RetryConfig, {"attempts": pint, "budget": _fraction, "window": pdur}),
-        log=_section(r, raw, "log", LogConfig,
-                     {"level": _choice(("debug", "info", "warning", "error")), "access_log": _bool,
-                      "access_log_buffer": _positive(parse_size)}),
-        load=_section(r, raw, "load", LoadConfig, {"enabled": _bool, "path": _path, "interval": pdur,
+        retry=section(r, raw, "retry", RetryConfig, {"attempts": pint, "budget": fraction, "window": pdur}),
+        log=section(r, raw, "log", LogConfig,
+                     {"level": choice(("debug", "info", "warning", "error")), "access_log": boolean,
+                      "access_log_buffer": positive(parse_size)}),
+        load=section(r, raw, "load", LoadConfig, {"enabled": boolean, "path": url_path, "interval": pdur,
                                                    "timeout": pdur, "stale_after": dur}),
-        queue=_section(r, raw, "queue", QueueConfig, {"max": _int(0), "timeout": pdur}),
-        shutdown=_section(r, raw, "shutdown", ShutdownConfig, {"drain": dur}),
-        listen_reuse_port=r.get(raw, "listen_reuse_port", "", _bool, False),
+        queue=section(r, raw, "queue", QueueConfig, {"max": at_least(0), "timeout": pdur}),
+        shutdown=section(r, raw, "shutdown", ShutdownConfig, {"drain": dur}),
+        listen_reuse_port=r.get(raw, "listen_reuse_port", "", boolean, False),
         tls=_tls(r, raw),
     )
     if cfg.breaker.max_open < cfg.breaker.open:
@@ -638,7 +508,7 @@ class TLSConfig:
     key: str
 
 
-def _tls(r: _Reader, raw: dict[str, Any]) -> TLSConfig | None:
+def _tls(r: Reader, raw: dict[str, Any]) -> TLSConfig | None:
     if raw.get("tls") is None:
         return None
     d = r.mapping(raw["tls"], "tls", {"cert", "key"})
@@ -652,18 +522,6 @@ def _tls(r: _Reader, raw: dict[str, Any]) -> TLSConfig | None:
         else:
             files[k] = v
     return TLSConfig(files["cert"], files["key"]) if len(files) == 2 else None
-
-
-def _path(v: Any) -> str:
-    if not isinstance(v, str) or not v.startswith("/"):
-        raise ValueError("must be a path starting with /")
-    return v
-
-
-def _fraction(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-        raise ValueError("must be a number between 0 and 1")
-    return float(v)
 
 
 def load_config(path: str | os.PathLike[str], warnings: list[str] | None = None) -> Config:

@@ -177,32 +177,14 @@ class Protocol(RequestHandler):
                     await self._waiter
                 finally:
                     self._waiter = None
-            elif self._answered:
-                # A pipelined request right behind an answer: without a Task per request nothing
-                # else would give the loop back, and one client's burst of quick answers (404s,
-                # 401s) would stall every other connection for a whole read. And a client that
-                # pipelines without reading must not make us hold its answers: wait for the write
-                # buffer to drain below aiohttp's high-water mark first.
-                if self._paused:
-                    try:
-                        await self._drain_helper()
-                    except ConnectionError:
-                        break
-                else:
-                    await asyncio.sleep(0)
-                if self._force_close:
-                    break
-            message, payload = messages.popleft()
-            if self._parser is not None:
-                self._parser.message_consumed()
-            if self._buffer_paused and len(messages) <= self._msg_queue_resume_size:
-                self._resume_reading_if_drained()
+            elif self._answered and not await self._after_answer():
+                break
+            message, payload = self._take()
             manager.requests_count += 1
             writer = StreamWriter(self, loop)
-            if isinstance(message, _ErrInfo):
+            request_handler = handler
+            if isinstance(message, _ErrInfo):  # a request the parser refused: aiohttp's error answer
                 request_handler, message = self._make_error_handler(message), ERROR
-            else:
-                request_handler = handler
             request = factory(message, payload, self, writer, self._task_handler or me)  # type: ignore[arg-type]
             try:
                 try:
@@ -216,28 +198,49 @@ class Protocol(RequestHandler):
                 if not payload.is_eof():
                     await self._linger(payload)
                 payload.set_exception(_PAYLOAD_ACCESS_ERROR)
-            except asyncio.CancelledError:
-                self.force_close()
-                raise
             except Exception as exc:
                 self.log_exception("Unhandled exception", exc_info=exc)
                 self.force_close()
-            except BaseException:
+            except BaseException:  # CancelledError among them
                 self.force_close()
                 raise
             finally:
                 request._task = None  # type: ignore[assignment]  # no reference cycle through a traceback
-            if self._keepalive and not self._close and not self._force_close:
-                close_time = loop.time() + self._keepalive_timeout
-                self._next_keepalive_close_time = close_time
-                if self._keepalive_handle is None:
-                    self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
-            else:
+            if not self._keepalive or self._close or self._force_close:
                 break
+            close_time = loop.time() + self._keepalive_timeout
+            self._next_keepalive_close_time = close_time
+            if self._keepalive_handle is None:
+                self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
         if not self._force_close:
             self._task_handler = None
             if self.transport is not None:
                 self.transport.close()
+
+    def _take(self) -> Any:
+        """The next parsed request (and its payload), reading resumed if the queue had paused it."""
+        messages = self._messages
+        message = messages.popleft()
+        if self._parser is not None:
+            self._parser.message_consumed()
+        if self._buffer_paused and len(messages) <= self._msg_queue_resume_size:
+            self._resume_reading_if_drained()
+        return message
+
+    async def _after_answer(self) -> bool:
+        """A pipelined request right behind an answer: without a Task per request nothing else would
+        give the loop back, and one client's burst of quick answers (404s, 401s) would stall every
+        other connection for a whole read. And a client that pipelines without reading must not make
+        us hold its answers: wait for the write buffer to drain below aiohttp's high-water mark
+        first. False: the connection is done."""
+        if self._paused:
+            try:
+                await self._drain_helper()
+            except ConnectionError:
+                return False
+        else:
+            await asyncio.sleep(0)
+        return not self._force_close
 
     async def _linger(self, payload: Any) -> None:
         """aiohttp's lingering close: read (and drop) the rest of a body the answer did not need,

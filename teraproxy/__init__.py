@@ -4,9 +4,9 @@ __version__ = "0.1.0"
 
 # the hot path, compiled by mypyc to C extensions when TERAPROXY_MYPYC=1 at install (setup.py): plain
 # mypy --strict modules that do not subclass aiohttp's classes
-COMPILED = ("accesslog", "admission", "auth", "balance", "breaker", "client", "errors", "events", "health",
-            "loadreport", "metrics", "proxy", "quota", "ratelimit", "ratelimit_redis", "reasoning", "redisconn",
-            "relay", "reply", "runtime", "sse", "upstreams", "usage")
+COMPILED = ("accesslog", "admission", "auth", "balance", "breaker", "client", "errors", "events", "exchange",
+            "health", "loadreport", "metrics", "proxy", "quota", "ratelimit", "ratelimit_redis", "reasoning",
+            "redisconn", "relay", "reply", "runtime", "sse", "upstreams", "usage")
 
 
 def build() -> str:

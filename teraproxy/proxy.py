@@ -27,7 +27,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from teraproxy import client, edge, reasoning, relay, reply, usage
+from teraproxy import client, edge, exchange, reasoning, relay, reply, usage
 from teraproxy.balance import RetryBudget, pick
 from teraproxy.breaker import DENIED
 from teraproxy.config import KeyConfig
@@ -169,7 +169,7 @@ class Proxy:
         self.budget = RetryBudget(retry.budget, retry.window, clock)
         self.created = int(time.time())
         self.heads = reply.Heads()  # encoded status lines of complete answers
-        self.exchanges: set[client.Exchange] = set()  # upstream answers being read (cut at the end of a drain)
+        self.exchanges: set[exchange.Exchange] = set()  # upstream answers being read (cut at the end of a drain)
         self.cutting = False
 
     def cut(self) -> int:
@@ -459,7 +459,7 @@ class Proxy:
         try:
             ex = await self.client.request(replica.origin, head, body,
                                            t.headers if mode == "full" else t.idle, t.idle)
-        except client.UpstreamFailure as e:
+        except exchange.UpstreamFailure as e:
             raise failed(replica, "did not answer", e) from None
         except client.PoolBusy as busy:  # our own congestion: no verdict on the replica, no retry
             raise UpstreamBusy(f"The gateway is busy: {busy}; retry shortly.", headers={"Retry-After": "1"}) from None
@@ -494,7 +494,7 @@ class Proxy:
             self.exchanges.discard(ex)
             self.client.release(ex)  # pooled again after a complete answer, closed otherwise
 
-    def _complete(self, request: web.Request, ctx: Ctx, ex: client.Exchange, status: int,
+    def _complete(self, request: web.Request, ctx: Ctx, ex: exchange.Exchange, status: int,
                   data: bytes) -> web.StreamResponse:
         """A complete answer in one write (reply.py), with the replica's Content-Type/-Disposition."""
         if request.transport is None or request.transport.is_closing():
@@ -504,10 +504,10 @@ class Proxy:
         return reply.send(self.heads, request, status, ctx.rid, data, ex.header(b"content-type"), extra,
                           ctx.decision)
 
-    async def _read(self, ex: client.Exchange, replica: Replica, limit: int, truncate: bool = False) -> bytes:
+    async def _read(self, ex: exchange.Exchange, replica: Replica, limit: int, truncate: bool = False) -> bytes:
         try:
             return await ex.read_all(limit, truncate)
-        except client.UpstreamFailure as e:
+        except exchange.UpstreamFailure as e:
             raise failed(replica, "broke its answer", e) from None
 
     def _replica_error(self, request: web.Request, status: int, data: bytes) -> web.Response:
@@ -516,7 +516,7 @@ class Proxy:
                             headers={"Server": "teraproxy", "X-Request-ID": request[CTX].rid})
 
     @staticmethod
-    def _response_headers(ex: client.Exchange, rid: str) -> dict[str, str]:
+    def _response_headers(ex: exchange.Exchange, rid: str) -> dict[str, str]:
         out = {"Server": "teraproxy", "X-Request-ID": rid}
         for name, key in _KEEP_RESPONSE:
             v = ex.header(key)

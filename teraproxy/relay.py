@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Final
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
-from teraproxy import client, reply, sse, usage
+from teraproxy import exchange, reply, sse, usage
 from teraproxy.breaker import ALLOWED
 from teraproxy.errors import GatewayTimeout, ProxyError, ShuttingDown, UpstreamError, error_body
 
@@ -52,7 +52,7 @@ BROKE_EVENT_TOO_LARGE = "upstream_event_too_large"
 CUT_BY_DRAIN = "cut_by_drain"  # shutdown.drain ran out (daemon.py): the gateway's doing, not the replica's
 
 
-class Cut(client.UpstreamFailure):
+class Cut(exchange.UpstreamFailure):
     """An answer ended by the drain deadline (``Proxy.cut``), not by its replica."""
 
 
@@ -121,15 +121,15 @@ class Attempt:
                 replica.failures += 1
 
 
-def error_class(e: client.UpstreamFailure) -> type[ProxyError]:
-    return GatewayTimeout if isinstance(e, client.UpstreamTimeout) else UpstreamError
+def error_class(e: exchange.UpstreamFailure) -> type[ProxyError]:
+    return GatewayTimeout if isinstance(e, exchange.UpstreamTimeout) else UpstreamError
 
 
-def failed(replica: Replica, what: str, e: client.UpstreamFailure) -> AttemptFailed:
+def failed(replica: Replica, what: str, e: exchange.UpstreamFailure) -> AttemptFailed:
     """A failed attempt that counts against the replica: 504 for a timeout, 502 for anything else.
     An answer over limits.max_response is not retried: the size comes from the request (n, max_tokens,
     logprobs), so another replica would spend a whole generation to fail the same way."""
-    if isinstance(e, client.ResponseTooLarge):
+    if isinstance(e, exchange.ResponseTooLarge):
         return AttemptFailed(UpstreamError(f"Replica {replica.url} {what}: {e}", code="response_too_large"),
                              final=True)
     return AttemptFailed(error_class(e)(f"Replica {replica.url} {what}: {e}"))
@@ -187,7 +187,7 @@ async def end_early(resp: web.StreamResponse, ctx: Ctx, body: bytes) -> web.Stre
     return resp
 
 
-async def stream(request: web.Request, att: Attempt, ex: client.Exchange, emit: str) -> web.StreamResponse:
+async def stream(request: web.Request, att: Attempt, ex: exchange.Exchange, emit: str) -> web.StreamResponse:
     """An SSE answer, framed in every mode; committed at the first complete event with data."""
     ctx = att.ctx
     relay = sse.SSERelay(emit, ctx.snap.config.limits.max_event)
@@ -214,7 +214,7 @@ async def stream(request: web.Request, att: Attempt, ex: client.Exchange, emit: 
 
     def too_large() -> None:  # the framer let the oversize event go: end the exchange
         if relay.oversize and ex.error is None:
-            ex.fail(client.UpstreamFailure(f"event over limits.max_event ({relay.max_event} bytes)",
+            ex.fail(exchange.UpstreamFailure(f"event over limits.max_event ({relay.max_event} bytes)",
                                            got_bytes=True))
             ex.conn.abort()
 
@@ -243,7 +243,7 @@ async def stream(request: web.Request, att: Attempt, ex: client.Exchange, emit: 
         return reply.Sent(200, False)
     return reply.Sent(200, keep_alive)
 
-async def _first_event(att: Attempt, ex: client.Exchange, relay: sse.SSERelay, tap: usage.UsageTap | None,
+async def _first_event(att: Attempt, ex: exchange.Exchange, relay: sse.SSERelay, tap: usage.UsageTap | None,
                        pending: list[bytes]) -> None:
     """Pending: wait for the first complete event with data; any failure is retryable."""
     url = att.replica.url
@@ -262,7 +262,7 @@ async def _first_event(att: Attempt, ex: client.Exchange, relay: sse.SSERelay, t
             raise AttemptFailed(UpstreamError(f"Replica {url} closed the stream before its first event."))
         await ex.wait()
 
-def _broke(att: Attempt, sink: _Sink, relay: sse.SSERelay, error: client.UpstreamFailure | None) -> None:
+def _broke(att: Attempt, sink: _Sink, relay: sse.SSERelay, error: exchange.UpstreamFailure | None) -> None:
     """The stream ended without its [DONE]: tell the client in an error event of its own."""
     err: type[ProxyError] = UpstreamError
     if isinstance(error, Cut):  # no verdict on the replica: the grant goes back unjudged
@@ -275,7 +275,7 @@ def _broke(att: Attempt, sink: _Sink, relay: sse.SSERelay, error: client.Upstrea
         code, why = BROKE_EVENT_TOO_LARGE, f"sent an event over limits.max_event ({relay.max_event} bytes)"
     elif error is None:
         code, why = BROKE_STREAM, "ended the stream without data: [DONE]"
-    elif isinstance(error, client.UpstreamTimeout):
+    elif isinstance(error, exchange.UpstreamTimeout):
         code, why, err = BROKE_TIMEOUT, "went silent", GatewayTimeout
     else:
         code, why = BROKE_STREAM, f"broke the stream ({error})"
@@ -284,7 +284,7 @@ def _broke(att: Attempt, sink: _Sink, relay: sse.SSERelay, error: client.Upstrea
         f"The model replica {why} after the response began; the answer is incomplete.",
         err.type, err.code) + b"\n\n" + _DONE)
 
-async def binary(request: web.Request, att: Attempt, ex: client.Exchange,
+async def binary(request: web.Request, att: Attempt, ex: exchange.Exchange,
                 headers: dict[str, str]) -> web.StreamResponse:
     """Audio and other non-SSE bodies: committed at the replica's headers, streamed through."""
     resp = web.StreamResponse(status=ex.status, headers=headers)
@@ -295,7 +295,7 @@ async def binary(request: web.Request, att: Attempt, ex: client.Exchange,
         att.ctx.client_gone = True
         return resp
     if ex.error is not None:
-        code = BROKE_TIMEOUT if isinstance(ex.error, client.UpstreamTimeout) else BROKE_STREAM
+        code = BROKE_TIMEOUT if isinstance(ex.error, exchange.UpstreamTimeout) else BROKE_STREAM
         att.broke(code, f"replica broke the body after the response began ({ex.error})")
         # no way to signal an error inside a binary body: cut the connection so the
         # client sees a truncated transfer instead of a silently short file
@@ -305,7 +305,7 @@ async def binary(request: web.Request, att: Attempt, ex: client.Exchange,
     await resp.write_eof()
     return resp
 
-async def _pump(request: web.Request, resp: web.StreamResponse | None, att: Attempt, ex: client.Exchange,
+async def _pump(request: web.Request, resp: web.StreamResponse | None, att: Attempt, ex: exchange.Exchange,
                 feed: Callable[[bytes], bytes], on_nothing: Callable[[], None] | None,
                 first: list[bytes], head: bytes = b"") -> _Sink:
     """After the commit point: each upstream body chunk goes through ``feed`` and straight

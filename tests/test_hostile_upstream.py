@@ -12,7 +12,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from teraproxy.client import MAX_HEAD, Client, PoolBusy
+from teraproxy.client import Client, PoolBusy
+from teraproxy.exchange import MAX_HEAD
 from tests.conftest import MODEL, Cluster
 
 BODY = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})

@@ -14,7 +14,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from teraproxy.client import Client, PoolBusy, UpstreamTimeout
+from teraproxy.client import Client, PoolBusy
+from teraproxy.exchange import UpstreamTimeout
 from tests.conftest import MODEL, Cluster, paused_stream, wait_for
 
 BODY = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
@@ -225,13 +226,13 @@ async def test_wakeup_in_the_same_turn_as_a_deadline_is_passed_on() -> None:
 
 
 async def test_cancelled_connect_frees_its_slot_once(monkeypatch: Any) -> None:
-    from teraproxy import client as client_mod
+    from teraproxy import exchange
 
     loop = asyncio.get_running_loop()
     async with _holding_server() as origin:
         c = Client(limit=1, keepalive=5, connect_timeout=1)
         victim: list[asyncio.Task[Any]] = []
-        original = client_mod._Conn.connection_made
+        original = exchange.Conn.connection_made
 
         def made(self: Any, transport: Any) -> None:  # timing only: cancel in the turn the socket connects
             original(self, transport)
@@ -239,7 +240,7 @@ async def test_cancelled_connect_frees_its_slot_once(monkeypatch: Any) -> None:
                 victim[0].cancel()
 
         try:
-            monkeypatch.setattr(client_mod._Conn, "connection_made", made)
+            monkeypatch.setattr(exchange.Conn, "connection_made", made)
             c.open += 1  # the slot _acquire would have taken
             victim.append(asyncio.create_task(c._dial(origin, loop)))
             await asyncio.gather(victim[0], return_exceptions=True)

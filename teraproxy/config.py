@@ -1,8 +1,9 @@
 """YAML config → validated, frozen dataclasses.
 
 Parsed once, strictly: unknown keys are errors naming their path (``models[1].replicas[0].url``),
-every problem is collected (not just the first), and durations/sizes are converted here so the
-request path only ever reads attributes. ``load_config`` raises ConfigError with one line per problem.
+every problem is collected (not just the first), and durations/sizes are converted at load time
+(by confvalues.py's converters) so the request path only ever reads attributes. ``load_config``
+raises ConfigError with one line per problem.
 """
 
 from __future__ import annotations
@@ -326,7 +327,7 @@ def _ratelimit(r: Reader, raw: dict[str, Any]) -> RateLimitConfig:
         r.fail("ratelimit.anonymous", "not supported: limits are per API key; list keys under `auth.keys` "
                                       "(per-IP limits belong in the load balancer in front)")
     cfg: RateLimitConfig = section(r, {"ratelimit": {k: v for k, v in d.items() if k in convs}}, "ratelimit",
-                                    RateLimitConfig, convs)
+                                   RateLimitConfig, convs)
     if cfg.backend == "redis" and cfg.redis_url is None:
         r.fail("ratelimit.redis_url", "missing: backend redis needs e.g. redis://127.0.0.1:6379/0")
     if cfg.backend == "memory" and cfg.redis_url is not None:
@@ -467,24 +468,24 @@ def parse_config(raw: Any, warnings: list[str] | None = None, base: Path | None 
         models=_models(r, raw, emit),
         reasoning=emit,
         limits=section(r, raw, "limits", Limits,
-                        {"max_body": positive(parse_size), "body_read": pdur,
-                         "max_response": positive(parse_size),
-                         "max_event": positive(parse_size)}),
+                       {"max_body": positive(parse_size), "body_read": pdur,
+                        "max_response": positive(parse_size),
+                        "max_event": positive(parse_size)}),
         timeouts=section(r, raw, "timeouts", Timeouts,
-                          {"connect": pdur, "headers": pdur, "idle": pdur, "keepalive": pdur,
-                           "client_stall": pdur, "first_event_keepalive": dur}),
+                         {"connect": pdur, "headers": pdur, "idle": pdur, "keepalive": pdur,
+                          "client_stall": pdur, "first_event_keepalive": dur}),
         upstream=section(r, raw, "upstream", UpstreamPool, {"max_connections": pint, "keepalive": pdur}),
         health=section(r, raw, "health", HealthConfig, {
             "enabled": boolean, "path": url_path, "interval": pdur, "timeout": pdur, "fall": pint,
             "rise": pint, "check_models": boolean, "warmup": boolean, "slow_start": dur}),
         breaker=section(r, raw, "breaker", BreakerConfig,
-                         {"failures": pint, "open": pdur, "max_open": pdur, "trial_wait": dur}),
+                        {"failures": pint, "open": pdur, "max_open": pdur, "trial_wait": dur}),
         retry=section(r, raw, "retry", RetryConfig, {"attempts": pint, "budget": fraction, "window": pdur}),
         log=section(r, raw, "log", LogConfig,
-                     {"level": choice(("debug", "info", "warning", "error")), "access_log": boolean,
-                      "access_log_buffer": positive(parse_size)}),
+                    {"level": choice(("debug", "info", "warning", "error")), "access_log": boolean,
+                     "access_log_buffer": positive(parse_size)}),
         load=section(r, raw, "load", LoadConfig, {"enabled": boolean, "path": url_path, "interval": pdur,
-                                                   "timeout": pdur, "stale_after": dur}),
+                                                  "timeout": pdur, "stale_after": dur}),
         queue=section(r, raw, "queue", QueueConfig, {"max": at_least(0), "timeout": pdur}),
         shutdown=section(r, raw, "shutdown", ShutdownConfig, {"drain": dur}),
         listen_reuse_port=r.get(raw, "listen_reuse_port", "", boolean, False),

@@ -220,12 +220,12 @@ class Protocol(RequestHandler):
     def _take(self) -> Any:
         """The next parsed request (and its payload), reading resumed if the queue had paused it."""
         messages = self._messages
-        message = messages.popleft()
+        taken = messages.popleft()
         if self._parser is not None:
             self._parser.message_consumed()
         if self._buffer_paused and len(messages) <= self._msg_queue_resume_size:
             self._resume_reading_if_drained()
-        return message
+        return taken
 
     async def _after_answer(self) -> bool:
         """A pipelined request right behind an answer: without a Task per request nothing else would

@@ -215,7 +215,7 @@ async def stream(request: web.Request, att: Attempt, ex: exchange.Exchange, emit
     def too_large() -> None:  # the framer let the oversize event go: end the exchange
         if relay.oversize and ex.error is None:
             ex.fail(exchange.UpstreamFailure(f"event over limits.max_event ({relay.max_event} bytes)",
-                                           got_bytes=True))
+                                             got_bytes=True))
             ex.conn.abort()
 
     sink = await _pump(request, kept, att, ex, feed, too_large, pending, head)
